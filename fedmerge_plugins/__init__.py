@@ -1,0 +1,30 @@
+"""fedmerge: federated-learning merge rules as mergekit merge methods.
+
+Importing this package is cheap; mergekit and torch are imported by the hooks below,
+which ``fedmerge_autoload`` runs when mergekit's own modules are imported.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+METHOD_NAMES = ("fednova", "fedgma", "median", "cclip")
+
+
+def register() -> None:
+    """Register the four methods in mergekit's registry; calling it again is harmless."""
+    from mergekit.merge_methods import registry
+
+    from fedmerge_plugins.methods import METHODS
+
+    present = {method.spec.name for method in registry.registered_methods()}
+    for method in METHODS:
+        if method.spec.name not in present:
+            registry.register(method)
+
+
+def install_recipe_checks() -> None:
+    """Check fedmerge recipes when mergekit plans a merge (see ``fedmerge_plugins.recipe``)."""
+    from fedmerge_plugins.recipe import install_planner_check
+
+    install_planner_check()

@@ -1,0 +1,56 @@
+"""CCLIP: centred clipping of each task vector by its global L2 norm (paper eq. 14)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, List, Optional, Sequence
+
+import torch
+from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, TensorGroup
+
+from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, weighted_task_sum
+from fedmerge_plugins.params import LAMBDA, ClipRho, Norm, per_model, shared
+
+# (base id, model id, device) -> ‖θ_model − θ_base‖ over every weight of the checkpoints.
+NormProvider = Callable[[Hashable, Hashable, torch.device], float]
+
+
+def clip_coefficients(rho: float, norms: Sequence[float]) -> List[float]:
+    """c_t = min(1, ρ / ‖τ_t‖); a zero task vector keeps c_t = 1 and is never divided by."""
+    return [1.0 if norm <= rho else rho / norm for norm in norms]
+
+
+class CClipMerge(GroupMergeMethod):
+    spec = MergeMethodSpec(
+        name="cclip",
+        pretty_name="CCLIP (centred clipping)",
+        reference_url=ARXIV,
+        contract=BASE_REQUIRED,
+        parameters=(
+            LAMBDA,
+            shared("rho", ClipRho, doc="clipping radius ρ > 0, in units of the task-vector L2 norm"),
+            per_model("norm", Norm, None, doc="override of the model's global task-vector norm"),
+        ),
+    )
+
+    def __init__(self) -> None:
+        # fedmerge_plugins.register() plugs in the streaming, cached checkpoint norms.
+        self.norm_provider: Optional[NormProvider] = None
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        """θ_0 + λ Σ_t τ_t · min(1, ρ / ‖τ_t‖), ‖τ_t‖ the L2 norm of model t's WHOLE task vector (eq. 14)."""
+        norms = [self._norm(group, entry.id, parameters["norm"][entry.id]) for entry in group.non_base]
+        coefficients = clip_coefficients(parameters["rho"], norms)
+        return weighted_task_sum(group, coefficients, parameters["lambda"], "cclip")
+
+    def _norm(self, group: TensorGroup, model: Hashable, override: Optional[float]) -> float:
+        if override is not None:
+            return override
+        if self.norm_provider is None:
+            raise ValueError(
+                f"cclip: no task-vector norm for model {model!r}: pass the per-model parameter "
+                "`norm` (fedmerge_plugins.norms.state_dict_norms computes it from state dicts)"
+            )
+        return self.norm_provider(group.base.id, model, group.base.tensor.device)
+
+
+cclip_merge = CClipMerge()

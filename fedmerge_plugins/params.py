@@ -1,0 +1,43 @@
+"""Parameter types shared by the four methods.
+
+Each type carries a pydantic constraint whose message names the parameter, so a bad value
+is rejected when mergekit resolves the recipe (before anything is written) and when the
+Python API binds it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+from mergekit.merge_methods.base import MISSING, ParameterScope, ParameterSpec
+from pydantic import AfterValidator
+from typing_extensions import Annotated
+
+
+def _check(name: str, rule: str, ok: Callable[[float], bool]) -> AfterValidator:
+    def validate(value: float) -> float:
+        if not (math.isfinite(value) and ok(value)):
+            raise ValueError(f"parameter `{name}` must be {rule}; got {value!r}")
+        return value
+
+    return AfterValidator(validate)
+
+
+Lambda = Annotated[float, _check("lambda", "a finite number", lambda v: True)]
+AgreementRho = Annotated[float, _check("rho", "in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
+ClipRho = Annotated[float, _check("rho", "> 0", lambda v: v > 0.0)]
+Steps = Annotated[int, _check("steps", "an integer > 0", lambda v: v > 0)]
+LearningRate = Annotated[float, _check("learning_rate", "> 0", lambda v: v > 0.0)]
+Norm = Optional[Annotated[float, _check("norm", ">= 0", lambda v: v >= 0.0)]]
+
+
+def shared(name: str, value_type: object, default: object = MISSING, doc: str = "") -> ParameterSpec:
+    return ParameterSpec(name, value_type, ParameterScope.SHARED, default=default, description=doc)
+
+
+def per_model(name: str, value_type: object, default: object = MISSING, doc: str = "") -> ParameterSpec:
+    return ParameterSpec(name, value_type, ParameterScope.NON_BASE, default=default, description=doc)
+
+
+LAMBDA = shared("lambda", Lambda, 1.0, "scaling coefficient λ applied to the aggregated task vector")
