@@ -17,6 +17,11 @@ def register() -> None:
 
     from fedmerge_plugins.methods import METHODS
 
+    from fedmerge_plugins.methods.cclip import cclip_merge
+    from fedmerge_plugins.norms import reference_norm
+
+    if cclip_merge.norm_provider is None:
+        cclip_merge.norm_provider = reference_norm
     present = {method.spec.name for method in registry.registered_methods()}
     for method in METHODS:
         if method.spec.name not in present:

@@ -1,0 +1,173 @@
+"""Recipe checks for the fedmerge methods, run before mergekit plans a merge.
+
+mergekit ignores parameter keys a method does not declare and reports bad values without
+naming the model, so a typo such as ``learning_rte`` would silently merge with the
+default. ``check_recipe`` rejects, naming the model and key: unknown keys, shared
+parameters set per model, missing required values (fednova's ``steps``), placeholders
+left in a recipe, values out of range, a missing base model, and tensor shapes that
+differ from the base's (read from safetensors headers). ``fedmerge_autoload``
+installs it on ``MergePlanner`` so ``mergekit-yaml`` runs it before any output exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import click
+from mergekit.common import ModelReference
+from mergekit.config import ConditionalParameter, MergeConfiguration
+from mergekit.merge_methods import registry
+from mergekit.merge_methods.base import ParameterScope, ParameterSpec
+from pydantic import ValidationError
+
+from fedmerge_plugins import METHOD_NAMES
+
+Block = Tuple[str, Optional[ModelReference], Dict[str, Any]]
+
+
+class RecipeError(click.ClickException):
+    """A recipe problem; mergekit-yaml (a click command) prints it without a traceback."""
+
+
+def _blocks(config: MergeConfiguration) -> Iterator[Block]:
+    """(where, model or None, parameters) for every parameter block of the recipe."""
+    yield "top-level parameters", None, config.parameters or {}
+    for model in config.models or []:
+        yield f"model {model.model}", model.model, model.parameters or {}
+    slices = list(config.slices or [])
+    for module_name, module in (config.modules or {}).items():
+        yield f"module {module_name}", None, module.parameters or {}
+        for model in module.models or []:
+            yield f"model {model.model}", model.model, model.parameters or {}
+        slices.extend(module.slices or [])
+    for index, output_slice in enumerate(slices):
+        yield f"slices[{index}]", None, output_slice.parameters or {}
+        for source in output_slice.sources:
+            yield f"model {source.model}", source.model, source.parameters or {}
+
+
+def _leaves(setting: Any) -> Iterator[Any]:
+    """Every scalar a setting can resolve to (gradients, filtered conditionals)."""
+    if isinstance(setting, ConditionalParameter):
+        yield from _leaves(setting.value)
+    elif isinstance(setting, list):
+        for item in setting:
+            yield from _leaves(item)
+    else:
+        yield setting
+
+
+def _check_value(method: str, where: str, parameter: ParameterSpec, setting: Any) -> None:
+    for value in _leaves(setting):
+        try:
+            parameter.validate(value)
+        except ValidationError as error:
+            if isinstance(value, str):
+                reason = "a placeholder or text, not a number: fill in the real value"
+            else:
+                reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+            raise RecipeError(f"{method}: {where}: `{parameter.name}` = {value!r} is invalid: {reason}") from None
+
+
+def _task_models(config: MergeConfiguration, blocks: List[Block]) -> List[ModelReference]:
+    models = {model for _, model, _ in blocks if model is not None}
+    return sorted((m for m in models if m != config.base_model), key=str)
+
+
+def _header_shapes(model: ModelReference) -> Dict[str, Tuple[int, ...]]:
+    """Tensor shapes from safetensors headers (no weights read); {} for other formats."""
+    from safetensors import safe_open
+
+    from fedmerge_plugins.norms import model_index
+
+    index = model_index(model)
+    if not index.is_safetensors:
+        return {}
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for shard in index.shards:
+        with safe_open(os.path.join(index.base_path, shard.filename), framework="pt") as handle:
+            shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
+    return shapes
+
+
+def check_shapes(config: MergeConfiguration, tasks: List[ModelReference]) -> None:
+    """Every tensor a task model shares with the base has the base's shape, except a
+    vocabulary axis when a tokenizer setting aligns vocabularies."""
+    if config.base_model is None:
+        return
+    aligned = config.tokenizer is not None or config.tokenizer_source is not None
+    base = _header_shapes(config.base_model)
+    for task in tasks:
+        for name, shape in _header_shapes(task).items():
+            expected = base.get(name)
+            if expected is None or expected == shape:
+                continue
+            differing = sum(a != b for a, b in zip(expected, shape))
+            if aligned and len(expected) == len(shape) and differing == 1:
+                continue
+            hint = " (different vocabularies: add `tokenizer: {source: base}`)" if differing == 1 else ""
+            raise RecipeError(
+                f"{config.merge_method}: model {task}: tensor {name} has shape {shape}, "
+                f"the base model {expected}{hint}"
+            )
+
+
+def check_recipe(config: MergeConfiguration) -> None:
+    """Raise RecipeError for problems in a fedmerge recipe; other methods pass untouched."""
+    method = config.merge_method
+    if method not in METHOD_NAMES:
+        return
+    spec = registry.get(method).spec
+    parameters = {p.name: p for p in spec.parameters}
+    blocks = list(_blocks(config))
+    if config.base_model is None and not any(s.base_model for s in config.slices or []):
+        raise RecipeError(
+            f"{method}: the recipe has no `base_model:`; {method} merges task vectors "
+            "θ_t − θ_0 and needs the pre-trained model they were fine-tuned from"
+        )
+    for where, model, block in blocks:
+        for key, setting in block.items():
+            parameter = parameters.get(key)
+            if parameter is None:
+                raise RecipeError(
+                    f"{method}: {where}: unknown parameter `{key}`; {method} takes "
+                    + ", ".join(f"`{name}`" for name in parameters)
+                )
+            if model is not None and parameter.scope == ParameterScope.SHARED:
+                raise RecipeError(
+                    f"{method}: {where}: `{key}` is shared by all models; "
+                    "set it under the top-level `parameters:`"
+                )
+            _check_value(method, where, parameter, setting)
+    defaults = {k for where, model, block in blocks if model is None for k in block}
+    for parameter in spec.parameters:
+        if not parameter.required:
+            continue
+        if parameter.scope == ParameterScope.SHARED:
+            if parameter.name not in defaults:
+                raise RecipeError(f"{method}: missing required parameter `{parameter.name}`")
+            continue
+        for task in _task_models(config, blocks):
+            given = any(model == task and parameter.name in block for _, model, block in blocks)
+            if not given and parameter.name not in defaults:
+                raise RecipeError(f"{method}: model {task}: missing required parameter `{parameter.name}`")
+    check_shapes(config, _task_models(config, blocks))
+
+
+def install_planner_check() -> None:
+    """Run ``check_recipe`` at the start of every ``MergePlanner`` (idempotent)."""
+    from mergekit.plan import MergePlanner
+
+    original = MergePlanner.__init__
+    if getattr(original, "fedmerge_checked", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self: MergePlanner, config: MergeConfiguration, *args: Any, **kwargs: Any) -> None:
+        check_recipe(config)
+        original(self, config, *args, **kwargs)
+
+    __init__.fedmerge_checked = True  # type: ignore[attr-defined]
+    MergePlanner.__init__ = __init__  # type: ignore[method-assign]
