@@ -1,0 +1,67 @@
+"""check_recipe: clear errors naming the model and key, before mergekit plans anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import pytest
+from mergekit.config import MergeConfiguration
+
+from fedmerge_plugins.recipe import RecipeError, check_recipe
+from fedmerge_plugins.synthetic import Family, make_family
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return make_family(tmp_path_factory.mktemp("family"), scales=(0.01, 0.02), extra_tokens=(0, 1))
+
+
+def config(family: Family, method: str, parameters: Dict, per_model=({}, {}), **extra) -> MergeConfiguration:
+    return MergeConfiguration.model_validate(
+        {
+            "merge_method": method,
+            "base_model": str(family.base),
+            "models": [{"model": str(p), "parameters": m} for p, m in zip(family.tasks, per_model)],
+            "parameters": parameters,
+            "tokenizer": {"source": "base"},
+            **extra,
+        }
+    )
+
+
+def test_valid_recipes_pass(family: Family) -> None:
+    check_recipe(config(family, "fednova", {"lambda": 0.5}, ({"steps": 10}, {"steps": 20, "learning_rate": 1e-4})))
+    check_recipe(config(family, "fednova", {"steps": 10}))  # a top-level default covers every model
+    check_recipe(config(family, "cclip", {"rho": 3.0}, ({"norm": 1.5}, {})))
+    check_recipe(config(family, "fedgma", {"rho": [0.1, 0.9], "lambda": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}))
+
+
+def test_other_methods_are_left_to_mergekit(family: Family) -> None:
+    check_recipe(config(family, "task_arithmetic", {"anything": 1}))
+
+
+@pytest.mark.parametrize(
+    "method,parameters,per_model,needle",
+    [
+        ("fednova", {}, ({"steps": 10}, {}), r"fednova: model .*/task1: missing required parameter `steps`"),
+        ("fednova", {"steps": 10}, ({"learning_rte": 0.1}, {}), r"model .*/task0: unknown parameter `learning_rte`"),
+        ("fedgma", {"rho": 0.5}, ({"rho": 0.2}, {}), r"model .*/task0: `rho` is shared by all models"),
+        ("fedgma", {"rho": [0.1, 1.2]}, ({}, {}), r"top-level parameters: `rho` = 1.2 is invalid: parameter `rho` must be in \[0, 1\]"),
+        ("cclip", {"rho": 1.0}, ({"norm": -2.0}, {}), r"model .*/task0: `norm` = -2.0 is invalid: parameter `norm` must be >= 0"),
+        ("cclip", {"lambda": 0.5}, ({}, {}), r"cclip: missing required parameter `rho`"),
+        ("median", {"weight": 1.0}, ({}, {}), r"unknown parameter `weight`; median takes `lambda`"),
+        ("fednova", {"steps": "<fill in>"}, ({}, {}), r"`steps` = '<fill in>' is invalid: a placeholder"),
+    ],
+)
+def test_problems_are_named(family: Family, method, parameters, per_model, needle) -> None:
+    with pytest.raises(RecipeError, match=needle):
+        check_recipe(config(family, method, parameters, per_model))
+
+
+def test_vocabulary_mismatch_needs_a_tokenizer_setting(family: Family) -> None:
+    recipe = config(family, "median", {})
+    check_recipe(recipe)
+    recipe.tokenizer = None
+    with pytest.raises(RecipeError, match=r"task1: tensor .* has shape \(97, 32\), the base model \(96, 32\)"):
+        check_recipe(recipe)
