@@ -10,12 +10,11 @@ machinery find and execute it, then calls the fedmerge hook for it:
 - ``mergekit.plan``: check fedmerge recipes (unknown keys, bad values) before planning.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # annotations stay strings: `typing` is not imported
 
 import sys
-from typing import Any, Callable, Dict, Optional, Sequence
 
-_HOOKS: Dict[str, str] = {
+_HOOKS: dict[str, str] = {
     "mergekit.merge_methods.registry": "register",
     "mergekit.plan": "install_recipe_checks",
 }
@@ -34,9 +33,7 @@ class FedmergePostImportFinder:
     """
 
     @classmethod
-    def find_spec(
-        cls, fullname: str, path: Optional[Sequence[str]] = None, target: Any = None
-    ) -> Any:
+    def find_spec(cls, fullname: str, path: object = None, target: object = None) -> object:
         if fullname not in _HOOKS:
             return None
         for finder in sys.meta_path:
@@ -49,11 +46,11 @@ class FedmergePostImportFinder:
         else:
             return None
         loader = spec.loader
-        exec_module: Optional[Callable[[Any], None]] = getattr(loader, "exec_module", None)
+        exec_module = getattr(loader, "exec_module", None)
         if exec_module is None:
             return spec
 
-        def exec_then_hook(module: Any) -> None:
+        def exec_then_hook(module: object) -> None:
             exec_module(module)
             _run_hook(fullname)
 

@@ -25,7 +25,7 @@ def python(code: str, *flags: str, cwd: Path | None = None) -> str:
 
 def test_start_up_imports_neither_torch_nor_mergekit() -> None:
     out = python(
-        "import sys; print(sorted(m for m in ('torch', 'mergekit', 'fedmerge_plugins', 'importlib.abc') if m in sys.modules));"
+        "import sys; print(sorted(m for m in ('torch', 'mergekit', 'fedmerge_plugins', 'importlib.abc', 'typing') if m in sys.modules));"
         "print(type(sys.meta_path[0]).__name__ if not isinstance(sys.meta_path[0], type) else sys.meta_path[0].__name__)"
     )
     assert out.splitlines() == ["[]", "FedmergePostImportFinder"]
