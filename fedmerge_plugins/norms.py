@@ -160,13 +160,28 @@ def checkpoint_norm(
     cache: NormCache = CACHE,
 ) -> float:
     """The global task-vector norm of ``model`` against ``base``, from cache when known."""
-    key = cache_key(base, model)
+    return loader_norm(
+        LazyTensorLoader(base), LazyTensorLoader(model), model_label=model_label, device=device, cache=cache
+    )
+
+
+def loader_norm(
+    base: LazyTensorLoader,
+    model: LazyTensorLoader,
+    *,
+    model_label: str,
+    device: torch.device | str = "cpu",
+    cache: NormCache = CACHE,
+) -> float:
+    """``checkpoint_norm`` through loaders the caller already holds (a sweep's in-memory
+    copies): the same cache key and the same streaming sum, hence the same number."""
+    key = cache_key(base.index, model.index)
     norm = cache.get(key)
     if norm is not None:
         LOG.info("fedmerge: task-vector norm of %s = %.6g (cached)", model_label, norm)
         return norm
-    norm = stream_norm(LazyTensorLoader(base), LazyTensorLoader(model), model_label, device)
-    cache.put(key, norm, base=base.base_path, model=model.base_path)
+    norm = stream_norm(base, model, model_label, device)
+    cache.put(key, norm, base=base.index.base_path, model=model.index.base_path)
     LOG.info("fedmerge: task-vector norm of %s = %.6g (computed)", model_label, norm)
     return norm
 
