@@ -15,7 +15,6 @@ COMMANDS: Dict[str, str] = {
     "clip": "fedmerge_plugins.clip.cli:clip_group",
     "inspect": "fedmerge_plugins.diagnostics.cli:inspect_command",
     "sweep": "fedmerge_plugins.sweep.cli:sweep_command",
-    "norms": "fedmerge_plugins.norms_cli:norms_command",
 }
 
 
