@@ -7,7 +7,9 @@ is imported here. When a watched mergekit module is imported, the finder lets th
 machinery find and execute it, then calls the fedmerge hook for it:
 
 - ``mergekit.merge_methods.registry``: register fednova, fedgma, median and cclip;
-- ``mergekit.plan``: check fedmerge recipes (unknown keys, bad values) before planning.
+- ``mergekit.merge``: check fedmerge recipes (unknown keys, bad values) before any model
+  is resolved or downloaded;
+- ``mergekit.plan``: the same checks plus tensor shapes, before anything is planned.
 """
 
 from __future__ import annotations  # annotations stay strings: `typing` is not imported
@@ -16,7 +18,8 @@ import sys
 
 _HOOKS: dict[str, str] = {
     "mergekit.merge_methods.registry": "register",
-    "mergekit.plan": "install_recipe_checks",
+    "mergekit.plan": "install_planner_check",
+    "mergekit.merge": "install_run_merge_check",
 }
 
 

@@ -28,8 +28,15 @@ def register() -> None:
             registry.register(method)
 
 
-def install_recipe_checks() -> None:
-    """Check fedmerge recipes when mergekit plans a merge (see ``fedmerge_plugins.recipe``)."""
+def install_planner_check() -> None:
+    """Check fedmerge recipes, shapes included, when mergekit plans a merge."""
     from fedmerge_plugins.recipe import install_planner_check
 
     install_planner_check()
+
+
+def install_run_merge_check() -> None:
+    """Check fedmerge recipes' parameters when ``run_merge`` starts, before any download."""
+    from fedmerge_plugins.recipe import install_run_merge_check
+
+    install_run_merge_check()

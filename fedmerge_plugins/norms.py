@@ -178,7 +178,7 @@ def loader_norm(
     key = cache_key(base.index, model.index)
     norm = cache.get(key)
     if norm is not None:
-        LOG.info("fedmerge: task-vector norm of %s = %.6g (cached)", model_label, norm)
+        LOG.debug("fedmerge: task-vector norm of %s = %.6g (cached)", model_label, norm)
         return norm
     norm = stream_norm(base, model, model_label, device)
     cache.put(key, norm, base=base.index.base_path, model=model.index.base_path)

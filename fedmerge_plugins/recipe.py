@@ -6,12 +6,15 @@ default. ``check_recipe`` rejects, naming the model and key: unknown keys, share
 parameters set per model, missing required values (fednova's ``steps``), placeholders
 left in a recipe, values out of range, a missing base model, and tensor shapes that
 differ from the base's (read from safetensors headers). ``fedmerge_autoload``
-installs it on ``MergePlanner`` so ``mergekit-yaml`` runs it before any output exists.
+runs the recipe-only checks at the start of ``run_merge`` (before any model is resolved or
+downloaded) and all of them, shapes included, when ``MergePlanner`` starts (before any
+output exists).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -114,8 +117,12 @@ def check_shapes(config: MergeConfiguration, tasks: List[ModelReference]) -> Non
             )
 
 
-def check_recipe(config: MergeConfiguration) -> None:
-    """Raise RecipeError for problems in a fedmerge recipe; other methods pass untouched."""
+def check_recipe(config: MergeConfiguration, *, shapes: bool = True) -> None:
+    """Raise RecipeError for problems in a fedmerge recipe; other methods pass untouched.
+
+    ``shapes=False`` skips the one check that reads checkpoint headers (and so may have to
+    download them): the rest needs only the recipe.
+    """
     method = config.merge_method
     if method not in METHOD_NAMES:
         return
@@ -153,7 +160,26 @@ def check_recipe(config: MergeConfiguration) -> None:
             given = any(model == task and parameter.name in block for _, model, block in blocks)
             if not given and parameter.name not in defaults:
                 raise RecipeError(f"{method}: model {task}: missing required parameter `{parameter.name}`")
-    check_shapes(config, _task_models(config, blocks))
+    if shapes:
+        check_shapes(config, _task_models(config, blocks))
+
+
+def install_run_merge_check() -> None:
+    """Check the recipe's parameters at the start of ``mergekit.merge.run_merge``, before
+    it resolves (and downloads) any model; idempotent."""
+    # Called while mergekit.merge finishes loading: take it from sys.modules, not the package.
+    merge = importlib.import_module("mergekit.merge")
+    original = merge.run_merge
+    if getattr(original, "fedmerge_checked", False):
+        return
+
+    @functools.wraps(original)
+    def run_merge(merge_config: MergeConfiguration, *args: Any, **kwargs: Any) -> Any:
+        check_recipe(merge_config, shapes=False)
+        return original(merge_config, *args, **kwargs)
+
+    run_merge.fedmerge_checked = True  # type: ignore[attr-defined]
+    merge.run_merge = run_merge
 
 
 def install_planner_check() -> None:

@@ -52,12 +52,15 @@ def test_register_is_idempotent_and_survives_a_registry_reload() -> None:
     fedmerge_plugins.register()
     reloaded = importlib.reload(registry)
     assert all(reloaded.get(name).spec.name == name for name in METHODS)
-    fedmerge_plugins.install_recipe_checks()
-    fedmerge_plugins.install_recipe_checks()
+    for _ in range(2):
+        fedmerge_plugins.install_planner_check()
+        fedmerge_plugins.install_run_merge_check()
+    import mergekit.merge
     from mergekit.plan import MergePlanner
 
-    assert MergePlanner.__init__.fedmerge_checked
-    assert not getattr(MergePlanner.__init__.__wrapped__, "fedmerge_checked", False)  # wrapped once
+    for hooked in (MergePlanner.__init__, mergekit.merge.run_merge):
+        assert hooked.fedmerge_checked
+        assert not getattr(hooked.__wrapped__, "fedmerge_checked", False)  # wrapped once
 
 
 @pytest.mark.slow

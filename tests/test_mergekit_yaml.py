@@ -156,6 +156,9 @@ def test_norm_override_skips_the_streaming_pass(family: Family, tmp_path: Path) 
         (lambda c: c["models"][1].update(parameters={"steps": "FILL_IN_STEPS"}), "`steps` = 'FILL_IN_STEPS' is invalid"),
         (lambda c: c.pop("tokenizer"), "math: tensor lm_head.weight has shape (97, 32), the base model (96, 32) (different vocabularies"),
         (lambda c: c.pop("base_model"), "the recipe has no `base_model:`"),
+        # a hub model that was never downloaded: the recipe is rejected before any fetch
+        (lambda c: c["models"][1].update(model="nobody/not-downloaded-13b", parameters={"steps": "FILL_IN"}),
+         "model nobody/not-downloaded-13b: `steps` = 'FILL_IN' is invalid"),
     ],
 )
 def test_bad_recipe_fails_before_any_output(family: Family, tmp_path: Path, mutate, needle: str) -> None:
