@@ -1,0 +1,118 @@
+"""``fedmerge eval MODEL_DIR``: the paper's LLM evaluation of a local model through lm-eval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from fedmerge_plugins.evaluation.tasks import ALL_TASKS, PAPER_TASKS
+
+
+@click.command("eval")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--tasks",
+    default=",".join(PAPER_TASKS),
+    show_default=True,
+    help=f"Comma-separated tasks among {', '.join(ALL_TASKS)} (instruct needs --data-dir).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Read DIR/<task>.jsonl instead of the public datasets (offline).",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Score only the first N items of each task.")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda:0.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts per generate call.")
+@click.option("--dtype", help="Model dtype (default: float32 on cpu, the checkpoint's own elsewhere).")
+@click.option(
+    "--max-gen-toks",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="Most tokens generated per answer; 0 keeps each task's own (the paper's: 1024 for GSM8K, 2048 for MATH and code).",
+)
+@click.option(
+    "--validation-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Split each task: a seeded fraction (the paper: 0.05) is 'validation', the rest 'test'.",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["test", "validation"]),
+    default="test",
+    show_default=True,
+    help="Which part to score when --validation-fraction is given.",
+)
+@click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the validation split.")
+@click.option(
+    "--allow-code-execution",
+    is_flag=True,
+    help="Run model-written code (needed for humaneval and mbpp; each program runs in a limited subprocess).",
+)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write lm-eval's results JSON (results.json) and the generations (samples_<task>.jsonl) here.",
+)
+@click.option(
+    "--alpaca-eval-outputs",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the instruct task's answers as alpaca_eval model outputs (JSON) to this file.",
+)
+def eval_command(
+    model_dir: Path,
+    tasks: str,
+    data_dir: Optional[Path],
+    limit: Optional[int],
+    device: str,
+    batch_size: int,
+    dtype: Optional[str],
+    max_gen_toks: int,
+    validation_fraction: Optional[float],
+    split: str,
+    seed: int,
+    allow_code_execution: bool,
+    output: Optional[Path],
+    alpaca_eval_outputs: Optional[Path],
+) -> None:
+    """Evaluate the model in MODEL_DIR on GSM8K, MATH, HumanEval and MBPP as in the paper
+    (zero-shot, greedy) and print a table laid out like the paper's Table 5."""
+    from fedmerge_plugins.evaluation.api import evaluate_model
+    from fedmerge_plugins.evaluation.loaders import DataUnavailable
+    from fedmerge_plugins.evaluation.report import format_table, write_alpaca_eval_outputs
+    from fedmerge_plugins.evaluation.tasks import parse_task_list
+
+    try:
+        names = parse_task_list(tasks)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--tasks") from None
+    if alpaca_eval_outputs is not None and "instruct" not in names:
+        raise click.UsageError("--alpaca-eval-outputs writes the instruct task's answers: add instruct to --tasks")
+    try:
+        result = evaluate_model(
+            model_dir,
+            names,
+            data_dir=data_dir,
+            limit=limit,
+            device=device,
+            batch_size=batch_size,
+            max_gen_toks=max_gen_toks or None,
+            split=split,
+            validation_fraction=validation_fraction,
+            seed=seed,
+            allow_code_execution=allow_code_execution,
+            output_dir=output,
+            dtype=dtype,
+        )
+    except (ValueError, FileNotFoundError, DataUnavailable) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(format_table([((model_dir.name,), result.scores)]))
+    click.echo("items: " + ", ".join(f"{short} {count}" for short, count in result.counts.items()))
+    if output is not None:
+        click.echo(f"lm-eval results: {output / 'results.json'}")
+    if alpaca_eval_outputs is not None:
+        path = write_alpaca_eval_outputs(result.raw, alpaca_eval_outputs, generator=model_dir.name)
+        click.echo(f"alpaca_eval model outputs: {path}")
