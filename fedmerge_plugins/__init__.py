@@ -12,7 +12,16 @@ METHOD_NAMES = ("fednova", "fedgma", "median", "cclip")
 
 
 def register() -> None:
-    """Register the four methods in mergekit's registry; calling it again is harmless."""
+    """Register the four methods in mergekit's registry; calling it again is harmless.
+
+    When importing ``fedmerge_plugins.methods`` is what brought mergekit's registry in,
+    the methods do not exist yet: that package registers them on its last line instead.
+    """
+    import sys
+
+    methods = sys.modules.get("fedmerge_plugins.methods")
+    if methods is not None and not hasattr(methods, "METHODS"):
+        return
     from mergekit.merge_methods import registry
 
     from fedmerge_plugins.methods import METHODS

@@ -1,0 +1,232 @@
+"""The ``fedmerge inspect`` report: recipe in, statistics and the paper's grids out.
+
+``build_report`` reads a recipe's base and task models (``stats.collect_stats``), adds
+the outlier flags, FedGMA's agreement effects for the paper's ρ grid, the paper's CCLIP
+ρ grid and, for FedNova recipes, w_t and χ²(p‖w) (section 4.2); ``format_report`` and
+``report_json`` render it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+
+from fedmerge_plugins.diagnostics.stats import (
+    OUTLIER_RULE,
+    TaskVectorStats,
+    agreement_effects,
+    chi_square,
+    collect_stats,
+    fednova_weights,
+    flag_outliers,
+)
+
+
+@dataclass
+class FedNovaTraining:
+    steps: List[int]
+    learning_rates: List[float]
+    effective_steps: List[float]  # ‖a_t‖₁ = steps × learning rate
+    weights: List[float]  # w_t
+    chi_square: float  # χ²(p‖w)
+
+
+@dataclass
+class InspectReport:
+    recipe: str
+    method: str
+    base: str
+    models: List[str]  # model references as the recipe names them
+    stats: TaskVectorStats
+    outliers: List[Optional[str]]
+    agreement: List[dict]  # agreement_effects for the FedGMA ρ grid
+    cclip_rho_grid: List[float]
+    fednova: Optional[FedNovaTraining]
+
+
+def load_recipe(path: Path) -> Tuple[Dict[str, Any], Any]:
+    """The recipe as YAML data and as a checked ``MergeConfiguration``."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
+
+    from fedmerge_plugins.recipe import RecipeError, check_recipe
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        config = MergeConfiguration.model_validate(data)
+    except (OSError, yaml.YAMLError) as error:
+        raise RecipeError(f"{path}: cannot read the recipe: {error}") from None
+    except ValidationError as error:
+        raise RecipeError(f"{path}: not a valid mergekit recipe: {error}") from None
+    check_recipe(config)
+    return data, config
+
+
+def recipe_models(config: Any) -> Tuple[Any, List[Any]]:
+    """(base model, task models in recipe order) of a recipe with a ``base_model``."""
+    from fedmerge_plugins.recipe import RecipeError, _blocks
+
+    if config.base_model is None:
+        raise RecipeError(f"{config.merge_method}: the recipe has no `base_model:`; task vectors need one")
+    tasks: List[Any] = []
+    for _, model, _ in _blocks(config):
+        if model is not None and model != config.base_model and model not in tasks:
+            tasks.append(model)
+    if not tasks:
+        raise RecipeError("the recipe names no task model besides the base model")
+    return config.base_model, tasks
+
+
+def _parameter(config: Any, model: Any, key: str, default: Any) -> Any:
+    """A per-model value as mergekit resolves it: the model's own, else a shared default."""
+    from fedmerge_plugins.recipe import RecipeError, _blocks
+
+    blocks = list(_blocks(config))
+    found = next((b[key] for _, m, b in blocks if m == model and key in b), None)
+    if found is None:
+        found = next((b[key] for _, m, b in blocks if m is None and key in b), default)
+    if not isinstance(found, (int, float)) or isinstance(found, bool):
+        raise RecipeError(f"fednova: model {model}: inspect needs a plain number for `{key}`, got {found!r}")
+    return found
+
+
+def fednova_training(config: Any, models: Sequence[Any]) -> FedNovaTraining:
+    steps = [int(_parameter(config, m, "steps", None)) for m in models]
+    rates = [float(_parameter(config, m, "learning_rate", 1.0)) for m in models]
+    effective = [float(Fraction(s) * Fraction(r)) for s, r in zip(steps, rates)]
+    weights = fednova_weights([Fraction(s) * Fraction(r) for s, r in zip(steps, rates)])
+    return FedNovaTraining(steps, rates, effective, weights, chi_square(weights))
+
+
+def short_labels(models: Sequence[Any]) -> List[str]:
+    """Last path component of each model when those are unique, else the full reference."""
+    full = [str(m) for m in models]
+    short = [os.path.basename(s.rstrip("/")) or s for s in full]
+    return short if len(set(short)) == len(short) else full
+
+
+def build_report(recipe: Path, device: str = "cpu") -> InspectReport:
+    from fedmerge_plugins.grids import clip_rho_grid, fedgma_rho_grid
+
+    _, config = load_recipe(recipe)
+    base, models = recipe_models(config)
+    stats = collect_stats(base, models, labels=short_labels(models), device=device)
+    fednova = fednova_training(config, models) if config.merge_method == "fednova" else None
+    return InspectReport(
+        recipe=str(recipe),
+        method=config.merge_method,
+        base=str(base),
+        models=[str(m) for m in models],
+        stats=stats,
+        outliers=flag_outliers(stats.norms),
+        agreement=agreement_effects(stats.agreement_counts, fedgma_rho_grid()),
+        cclip_rho_grid=list(clip_rho_grid(stats.norms)),
+        fednova=fednova,
+    )
+
+
+def report_json(report: InspectReport) -> Dict[str, Any]:
+    stats = report.stats
+    total = stats.coordinates or 1
+    return {
+        "recipe": report.recipe,
+        "merge_method": report.method,
+        "base_model": report.base,
+        "models": [
+            {
+                "model": model,
+                "label": label,
+                "norm": norm,
+                "norm_cached": cached,
+                "zero_fraction": zeros / total,
+                "outlier": flag,
+            }
+            for model, label, norm, cached, zeros, flag in zip(
+                report.models, stats.labels, stats.norms, stats.norms_cached, stats.zero_counts, report.outliers
+            )
+        ],
+        "outlier_rule": OUTLIER_RULE,
+        "cosine": stats.cosines(),
+        "inner_products": stats.gram,
+        "shared_tensors": stats.tensors,
+        "shared_coordinates": stats.coordinates,
+        "sign_agreement": {
+            "T": stats.count,
+            "counts": stats.agreement_counts,
+            "fractions": [c / total for c in stats.agreement_counts],
+            "fedgma_rho": report.agreement,
+        },
+        "cclip_rho_grid": report.cclip_rho_grid,
+        "fednova": None
+        if report.fednova is None
+        else {
+            "steps": report.fednova.steps,
+            "learning_rate": report.fednova.learning_rates,
+            "effective_steps": report.fednova.effective_steps,
+            "weights": report.fednova.weights,
+            "chi_square": report.fednova.chi_square,
+        },
+    }
+
+
+def _number(value: Optional[float]) -> str:
+    return "   n/a" if value is None else f"{value:6.3f}"
+
+
+def _rho_groups(effects: Sequence[dict]) -> List[Tuple[List[float], dict]]:
+    """Consecutive ρ values with the same k_min (they give the same merge)."""
+    groups: List[Tuple[List[float], dict]] = []
+    for effect in effects:
+        if groups and groups[-1][1]["k_min"] == effect["k_min"]:
+            groups[-1][0].append(effect["rho"])
+        else:
+            groups.append(([effect["rho"]], effect))
+    return groups
+
+
+def format_report(report: InspectReport) -> str:
+    stats = report.stats
+    T = stats.count
+    total = stats.coordinates or 1
+    width = max(12, *(len(label) for label in stats.labels))
+    lines = [
+        f"Recipe {report.recipe}: merge_method {report.method}, base {report.base}, {T} task models",
+        f"{stats.tensors} tensors / {stats.coordinates:,} coordinates shared by all models",
+        "",
+        f"{'task vector':<{width}}  {'norm':>12}  {'unchanged':>9}  outlier",
+    ]
+    for label, norm, cached, zeros, flag in zip(stats.labels, stats.norms, stats.norms_cached, stats.zero_counts, report.outliers):
+        lines.append(
+            f"{label:<{width}}  {norm:>12.6g}  {zeros / total:>8.1%}  {flag or '-'}{'' if not cached else '   (norm from cache)'}"
+        )
+    lines.append(f"outliers: {OUTLIER_RULE}.")
+    if T == 2 and min(stats.norms) > 0:
+        lines.append(f"  (T = 2: no majority to compare with; the norms differ {max(stats.norms) / min(stats.norms):.3g}x)")
+    lines += ["", "cosine similarity"]
+    cosines = stats.cosines()
+    lines.append(" " * width + "  " + "  ".join(f"{label[:8]:>8}" for label in stats.labels))
+    for label, row in zip(stats.labels, cosines):
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{_number(c):>8}" for c in row))
+    lines += ["", f"sign agreement A = |1/T Σ_t sign(τ_t)|, T = {T}: share of coordinates"]
+    for k, count in enumerate(stats.agreement_counts):
+        lines.append(f"  A = {k}/{T}  {count / total:8.2%}")
+    lines.append("FedGMA ρ grid (paper): mask M = A < ρ ? A : 1; equal k_min gives the same merge")
+    for rhos, effect in _rho_groups(report.agreement):
+        span = f"{rhos[0]:g}" if len(rhos) == 1 else f"{rhos[0]:g} … {rhos[-1]:g}"
+        lines.append(f"  ρ = {span:<11} keeps A ≥ {effect['k_min']}/{T}, damps {effect['damped_fraction']:.2%} of coordinates")
+    if T == 2:
+        lines.append("  with T = 2, A is 0 or 1 except where a task vector is exactly 0: ρ in (0, 1] barely matters")
+    grid = ", ".join(f"{rho:.6g}" for rho in report.cclip_rho_grid)
+    lines += ["", f"CCLIP ρ grid (paper: 5 values from min ‖τ‖ included to max ‖τ‖ excluded): {grid}"]
+    if report.fednova is not None:
+        nova = report.fednova
+        lines += ["", "FedNova training (section 4.2): ‖a_t‖₁ = steps × learning rate, w_t = ‖a_t‖₁ / Σ_s ‖a_s‖₁"]
+        for label, steps, rate, effective, weight in zip(stats.labels, nova.steps, nova.learning_rates, nova.effective_steps, nova.weights):
+            lines.append(f"  {label:<{width}}  steps {steps:>8}  lr {rate:<10.4g}  ‖a‖₁ {effective:<10.4g}  w {weight:.4f} (1/T = {1 / T:.4f})")
+        lines.append(f"  χ²(p‖w) = {nova.chi_square:.6g}  (0 for equal training; task arithmetic's objective drifts as it grows)")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""``fedmerge sweep RECIPE.yml --lambda 0.2:1.0:0.2 [--rho …]``: search λ and ρ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple
+
+import click
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[int]:
+    if value is None:
+        return None
+    from fedmerge_plugins.sweep.memory import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+@click.command("sweep")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--lambda", "lambdas", metavar="GRID", help="λ values: START:STOP:STEP (stop included) or a comma list, e.g. 0.2:1.0:0.2.")
+@click.option("--rho", "rhos", metavar="GRID", help="ρ values, as --lambda; 'paper' for the paper's grid (cclip: 5 values from min to max norm; fedgma: 0.1 … 1.0).")
+@click.option("--eval", "eval_spec", required=True, metavar="EVALUATOR",
+              help="lm-eval, clip, or python:MODULE:FUNCTION / python:FILE.py:FUNCTION (FUNCTION(model_dir) -> dict of scores or a number).")
+@click.option("--tasks", default="", help="Comma-separated tasks of the lm-eval or CLIP evaluator.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Local evaluation data (lm-eval: DATA_DIR/<task>.jsonl).")
+@click.option("--split", type=click.Choice(["validation", "test"]), default="validation", show_default=True,
+              help="Score on this split; select on validation data, as the paper does.")
+@click.option("--validation-fraction", type=float, default=None, help="lm-eval: share of each task's items used as validation split.")
+@click.option("--limit", type=int, default=None, help="lm-eval: score at most this many items per task.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Evaluation batch size [default: lm-eval 8, CLIP 128].")
+@click.option("--allow-code-execution", is_flag=True, help="lm-eval: allow humaneval/mbpp to run model-written code.")
+@click.option("--clip-base", default=None, help="CLIP: base CLIPModel (text encoder, heads, processor) [default: openai/clip-vit-base-patch32].")
+@click.option("--finetuned", multiple=True, metavar="TASK=SRC", help="CLIP: fine-tuned vision tower of a task, for normalized accuracy (repeatable).")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="CLIP: folder with one fine-tuned tower per task (<dir>/<task>).")
+@click.option("--reference-scores", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSON {task: score} of the fine-tuned models: select by mean normalized score (score / reference).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep-out"), show_default=True,
+              help="Directory for results.jsonl, winner.yml and the merges in progress.")
+@click.option("--mode", type=click.Choice(["auto", "memory", "disk"]), default="auto", show_default=True,
+              help="memory: read the inputs once and keep them; disk: merge each point from disk; auto: memory if it fits.")
+@click.option("--max-memory", callback=_size, default=None, metavar="SIZE", help="Memory the sweep may plan with (e.g. 24GB); default: what is available.")
+@click.option("--device", default="cpu", show_default=True, help="Device for merging and evaluation (a winner merged on cuda is reproduced by mergekit-yaml --cuda).")
+@click.option("--keep-merges", is_flag=True, help="Keep every point's merged model in OUT/merges/.")
+def sweep_command(
+    recipe: Path,
+    lambdas: Optional[str],
+    rhos: Optional[str],
+    eval_spec: str,
+    tasks: str,
+    data_dir: Optional[Path],
+    split: str,
+    validation_fraction: Optional[float],
+    limit: Optional[int],
+    batch_size: Optional[int],
+    allow_code_execution: bool,
+    clip_base: Optional[str],
+    finetuned: Tuple[str, ...],
+    models_dir: Optional[Path],
+    reference_scores: Optional[Path],
+    out: Path,
+    mode: str,
+    max_memory: Optional[int],
+    device: str,
+    keep_merges: bool,
+) -> None:
+    """Merge RECIPE at every grid point, score each merge, keep the best.
+
+    Results go to OUT/results.jsonl one line per point, as they come; run the same command
+    again to resume. The winner is written as OUT/winner.yml, a recipe mergekit-yaml
+    merges to the very same weights.
+    """
+    from fedmerge_plugins.sweep.evaluators import load_reference, make_evaluator
+    from fedmerge_plugins.sweep.run import run_sweep
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    options = {}
+    if eval_spec == "lm-eval":
+        options = dict(data_dir=data_dir, split=split, validation_fraction=validation_fraction, limit=limit,
+                       allow_code_execution=allow_code_execution, device=device)
+    elif eval_spec == "clip":
+        options = dict(data_dir=data_dir, base=clip_base, finetuned=finetuned, models_dir=models_dir, split=split, device=device)
+    if batch_size is not None and options:
+        options["batch_size"] = batch_size
+    evaluator = make_evaluator(eval_spec, tasks=task_list, **options)
+    run_sweep(
+        recipe,
+        out,
+        evaluator,
+        lambdas=lambdas,
+        rhos=rhos,
+        reference=load_reference(reference_scores),
+        mode=mode,
+        max_memory=max_memory,
+        device=device,
+        keep_merges=keep_merges,
+    )

@@ -1,0 +1,183 @@
+"""Scoring a merged model: model directory -> named scores -> one selection score.
+
+An evaluator has a ``description`` (recorded with every result, so a resumed sweep cannot
+mix evaluators) and ``evaluate(model_dir) -> {name: score}``. Built-in:
+
+- ``lm-eval``: ``fedmerge_plugins.evaluation.api.evaluate_model`` on the tasks of ``eval/``;
+- ``clip``: the CLIP evaluator of ``fedmerge_plugins.clip`` (normalized accuracy);
+- ``python:MODULE:FUNCTION`` or ``python:FILE.py:FUNCTION``: any function taking the model
+  directory and returning a dict of scores or one number.
+
+The selection score is the mean of the scores; with reference scores (the fine-tuned
+models' own, as the paper does) it is the mean normalized score, score / reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence
+
+import click
+
+Scores = Dict[str, float]
+
+
+class Evaluator(Protocol):
+    description: str
+
+    def evaluate(self, model_dir: Path) -> Scores: ...
+
+
+def _as_scores(value: Any, source: str) -> Scores:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = {"score": value}
+    if not isinstance(value, Mapping) or not value:
+        raise click.ClickException(f"{source} returned {value!r}; expected a number or a dict of numbers")
+    scores = {}
+    for name, score in value.items():
+        if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+            raise click.ClickException(f"{source}: score {name!r} is {score!r}, not a finite number")
+        scores[str(name)] = float(score)
+    return scores
+
+
+class PythonEvaluator:
+    """``python:MODULE:FUNCTION`` / ``python:FILE.py:FUNCTION``; FUNCTION(model_dir: str)."""
+
+    def __init__(self, spec: str) -> None:
+        self.description = spec
+        target, _, name = spec.removeprefix("python:").rpartition(":")
+        if not target or not name:
+            raise click.BadParameter(f"{spec!r}: expected python:MODULE:FUNCTION or python:FILE.py:FUNCTION", param_hint="--eval")
+        self.function = self._load(target, name, spec)
+
+    @staticmethod
+    def _load(target: str, name: str, spec: str) -> Callable[[str], Any]:
+        try:
+            if target.endswith(".py"):
+                module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+                if module_spec is None or module_spec.loader is None:
+                    raise ImportError(f"cannot load {target}")
+                module = importlib.util.module_from_spec(module_spec)
+                module_spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(target)
+            function = getattr(module, name)
+        except (ImportError, AttributeError, OSError) as error:
+            raise click.BadParameter(f"{spec!r}: {error}", param_hint="--eval") from None
+        if not callable(function):
+            raise click.BadParameter(f"{spec!r}: {name} is not callable", param_hint="--eval")
+        return function
+
+    def evaluate(self, model_dir: Path) -> Scores:
+        return _as_scores(self.function(str(model_dir)), self.description)
+
+
+class LmEvalEvaluator:
+    """The paper's LLM tasks through lm-eval (``fedmerge eval``'s engine)."""
+
+    def __init__(self, tasks: Sequence[str], **options: Any) -> None:
+        from fedmerge_plugins.evaluation.api import check_request
+        from fedmerge_plugins.evaluation.tasks import parse_task_list
+
+        self.options = options
+        checked = {"data_dir": None, "split": "test", "validation_fraction": None, "allow_code_execution": False}
+        checked.update({k: v for k, v in options.items() if k in (*checked, "limit", "batch_size", "max_gen_toks")})
+        try:
+            self.tasks = parse_task_list(tuple(tasks))
+            check_request(self.tasks, **checked)
+        except (ValueError, FileNotFoundError) as error:
+            hint = " (pass --validation-fraction, or --split test)" if "validation fraction" in str(error) else ""
+            raise click.UsageError(f"--eval lm-eval: {error}{hint}") from None
+        shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(options.items()) if k != "device"}
+        self.description = f"lm-eval tasks={','.join(self.tasks)} {json.dumps(shown, sort_keys=True)}"
+
+    def evaluate(self, model_dir: Path) -> Scores:
+        from fedmerge_plugins.evaluation.api import evaluate_model
+
+        return _as_scores(evaluate_model(model_dir, self.tasks, **self.options).scores, "lm-eval")
+
+
+class ClipEvaluator:
+    """Normalized accuracy of a merged CLIP vision tower per task (``fedmerge clip eval``'s
+    engine): accuracy / the fine-tuned tower's accuracy, on the chosen split."""
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        data_dir: Optional[Path],
+        base: Optional[str] = None,
+        finetuned: Sequence[str] = (),
+        models_dir: Optional[Path] = None,
+        split: str = "validation",
+        device: str = "cpu",
+        batch_size: int = 128,
+    ) -> None:
+        from fedmerge_plugins.clip.cli import finetuned_sources
+        from fedmerge_plugins.clip.tasks import DEFAULT_BASE, canonical
+
+        if data_dir is None:
+            raise click.BadParameter("--eval clip needs --data-dir (one dataset folder per task)", param_hint="--data-dir")
+        if not tasks:
+            raise click.BadParameter("--eval clip needs --tasks (e.g. svhn,mnist)", param_hint="--tasks")
+        self.tasks = tuple(canonical(t) for t in tasks)
+        self.finetuned = finetuned_sources(self.tasks, finetuned, models_dir)
+        self.split, self.base = split, base or DEFAULT_BASE
+        self.session_options = {"base": self.base, "data_dir": Path(data_dir), "device": device, "batch_size": batch_size}
+        self.description = (
+            f"clip tasks={','.join(self.tasks)} base={self.base} split={split} data={Path(data_dir).resolve()} "
+            f"finetuned={json.dumps(self.finetuned, sort_keys=True)}"
+        )
+        self._session: Any = None
+
+    def evaluate(self, model_dir: Path) -> Scores:
+        from fedmerge_plugins.clip.evaluate import Session, evaluate_tower
+
+        if self._session is None:  # loads CLIP, heads and images once for the whole sweep
+            self._session = Session(progress=False, **self.session_options)
+        try:
+            result = evaluate_tower(self._session, str(model_dir), self.tasks, self.finetuned, self.split)
+        except ValueError as error:
+            raise click.ClickException(f"CLIP evaluation of {model_dir}: {error}") from None
+        return _as_scores({task: row["normalized_accuracy"] for task, row in result.items()}, "clip")
+
+
+def make_evaluator(spec: str, *, tasks: Sequence[str] = (), **options: Any) -> Evaluator:
+    if spec.startswith("python:"):
+        return PythonEvaluator(spec)
+    if spec == "lm-eval":
+        if not tasks:
+            raise click.BadParameter("--eval lm-eval needs --tasks (e.g. gsm8k,mbpp)", param_hint="--tasks")
+        return LmEvalEvaluator(tasks, **options)
+    if spec == "clip":
+        return ClipEvaluator(tasks, **options)
+    raise click.BadParameter(f"{spec!r}: use lm-eval, clip or python:MODULE:FUNCTION", param_hint="--eval")
+
+
+def load_reference(path: Optional[Path]) -> Optional[Scores]:
+    """Reference scores from JSON: ``{name: score}`` or ``{"scores": {name: score}}``."""
+    if path is None:
+        return None
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, Mapping) and isinstance(data.get("scores"), Mapping):
+        data = data["scores"]
+    scores = _as_scores(data, str(path))
+    zero = [name for name, score in scores.items() if score == 0]
+    if zero:
+        raise click.BadParameter(f"{path}: reference score of {', '.join(zero)} is 0", param_hint="--reference-scores")
+    return scores
+
+
+def selection_score(scores: Scores, reference: Optional[Scores] = None) -> float:
+    """Mean score, or mean normalized score (score / reference) over the reference's names."""
+    if reference is None:
+        return sum(scores.values()) / len(scores)
+    missing = [name for name in reference if name not in scores]
+    if missing:
+        raise click.ClickException(f"the evaluator gave no score for {', '.join(missing)} (named in the reference scores)")
+    return sum(scores[name] / reference[name] for name in reference) / len(reference)
