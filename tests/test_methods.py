@@ -12,7 +12,7 @@ from mergekit.merge_methods.api import merge_state_dicts, merge_tensors
 
 from fedmerge_plugins.methods.fedgma import full_agreement_count
 from fedmerge_plugins.methods.fednova import fednova_coefficients
-from fedmerge_plugins.methods.median import CHUNK
+from fedmerge_plugins.methods.median import CHUNK, median_of
 from fedmerge_plugins.norms import state_dict_norms
 
 SHAPE = (7, 5)
@@ -107,11 +107,22 @@ def test_fedgma_agreement_boundary_is_inclusive() -> None:
     assert merge(tensors, "fedgma", rho=0.51).tolist() == [4.0, 0.0, 0.0, 1.0]
 
 
-@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 6, 7, 8, 9])
 def test_median_matches_eq13(count: int) -> None:
     tensors = make_inputs(count, seed=20 + count)
     merged = merge(tensors, "median", **{"lambda": 0.9})
     close(merged, ref_median(tensors, 0.9))
+
+
+@pytest.mark.parametrize("count", range(1, 12))
+def test_median_network_selects_the_middle_with_ties(count: int) -> None:
+    """The pruned min/max network against a full sort, on small integers (many ties)."""
+    generator = torch.Generator().manual_seed(count)
+    rows = torch.randint(-3, 4, (count, 5000), generator=generator).to(torch.float64)
+    ordered = rows.sort(dim=0).values
+    expected = (ordered[(count - 1) // 2] + ordered[count // 2]) / 2
+    got = median_of([row.clone() for row in rows], torch.empty(5000, dtype=torch.float64))
+    assert torch.equal(got, expected)
 
 
 def test_median_of_two_is_their_mean() -> None:
@@ -131,13 +142,13 @@ def test_median_is_not_the_lower_median() -> None:
 
 @pytest.mark.parametrize("count", [3, 4])
 def test_median_beyond_quantile_limit(count: int) -> None:
-    """More than 2^24 elements (torch.quantile refuses these), across a chunk boundary."""
-    size = CHUNK + 1000
+    """More than 2^24 elements (torch.quantile refuses these), across chunk boundaries."""
+    size = 2**24 + CHUNK // 2
     generator = torch.Generator().manual_seed(count)
     tensors = [torch.randn(size, generator=generator) for _ in range(count + 1)]
     merged = merge(tensors, "median")
     # exact check on a strided sample, including both sides of the chunk boundary
-    picks = torch.cat([torch.arange(0, size, 9973), torch.arange(CHUNK - 5, CHUNK + 5)])
+    picks = torch.cat([torch.arange(0, size, 9973), torch.arange(CHUNK - 5, CHUNK + 5), torch.arange(size - 5, size)])
     small = [t[picks] for t in tensors]
     close(merged[picks], ref_median(small, 1.0))
 

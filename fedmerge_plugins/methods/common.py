@@ -1,33 +1,71 @@
-"""Numerics shared by the method kernels: compute dtype, task vectors, finiteness.
+"""Numerics shared by the method kernels: compute dtype, blockwise evaluation, finiteness.
 
 Kernels compute in float32 (float64 when the inputs are float64) whatever the stored
 dtype, on the device the inputs are on, and return the base tensor's dtype.
+
+On the CPU they walk the flattened tensors in blocks of ``BLOCK`` elements with a few
+scratch buffers allocated once per tensor. Whole-tensor temporaries are fresh memory
+whose first touch (page faults) costs more than the arithmetic, while a block stays in
+cache through all the passes of a rule. Each element goes through the same operations
+in the same order either way, so results do not depend on the block size.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence, Tuple
+from typing import Callable, List, Sequence
 
 import torch
-from mergekit.merge_methods.base import BasePolicy, InputContract, TensorEntry, TensorGroup
+from mergekit.merge_methods.base import BasePolicy, InputContract, TensorGroup
 
 ARXIV = "https://arxiv.org/abs/2411.18607"
 BASE_REQUIRED = InputContract(base=BasePolicy.REQUIRED)
+BLOCK = 1 << 18  # elements per block on the CPU: 1 MiB per float32 buffer
+
+# merge_block(θ_0 block in the compute dtype, θ_t blocks as stored, scratch buffers) -> merged block
+BlockRule = Callable[[torch.Tensor, List[torch.Tensor], List[torch.Tensor]], torch.Tensor]
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def base_in_compute_dtype(group: TensorGroup) -> torch.Tensor:
+def blockwise(group: TensorGroup, method: str, buffers: int, merge_block: BlockRule) -> torch.Tensor:
+    """Evaluate ``merge_block`` on successive blocks of the flattened tensors of ``group``.
+
+    ``merge_block`` gets the base block in the compute dtype, the models' blocks as
+    stored (both read-only: they may be views of the inputs) and ``buffers`` scratch
+    tensors of the block's length in the compute dtype; it returns the merged block
+    (usually one of the buffers), which is checked finite and cast to the base dtype.
+    Off the CPU there is one block: the whole tensor.
+    """
     base = group.base.tensor
-    return base.to(compute_dtype(base))
+    dtype = compute_dtype(base)
+    flat_base = base.reshape(-1)
+    models = [entry.tensor.reshape(-1) for entry in group.non_base]
+    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    flat_out = out.view(-1)
+    numel = flat_base.numel()
+    block = BLOCK if base.device.type == "cpu" else max(numel, 1)
+    upcast = base.dtype != dtype
+    scratch = [torch.empty(min(block, numel), dtype=dtype, device=base.device) for _ in range(buffers + upcast)]
+    for start in range(0, numel, block):
+        part = slice(start, min(start + block, numel))
+        views = [buffer[: part.stop - start] for buffer in scratch]
+        base_block = views.pop().copy_(flat_base[part]) if upcast else flat_base[part]
+        merged = merge_block(base_block, [model[part] for model in models], views)
+        if not all_finite(merged):
+            raise_non_finite(group, method)
+        flat_out[part].copy_(merged)
+    return out
 
 
-def task_vectors(group: TensorGroup, base: torch.Tensor) -> Iterator[Tuple[TensorEntry, torch.Tensor]]:
-    """Yield (entry, τ_t = θ_t − θ_0) one at a time, in ``base``'s (compute) dtype."""
-    for entry in group.non_base:
-        yield entry, torch.sub(entry.tensor, base).to(base.dtype)
+def task_vector(model: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = τ_t = θ_t − θ_0 in the compute dtype (``base`` and ``out`` share it)."""
+    if model.dtype == out.dtype:
+        return torch.sub(model, base, out=out)
+    if torch.promote_types(model.dtype, out.dtype) == out.dtype:
+        return out.copy_(model).sub_(base)  # exact upcast, then the subtraction
+    return out.copy_(torch.sub(model, base))  # a wider model: subtract in its dtype, round once
 
 
 def weighted_task_sum(
@@ -37,24 +75,29 @@ def weighted_task_sum(
 
     With every c_t = 1 this is task arithmetic (paper eq. 4), in mergekit's operation order.
     """
-    base = base_in_compute_dtype(group)
-    total = None
-    for (_, delta), coefficient in zip(task_vectors(group, base), coefficients):
-        if coefficient != 1.0:
-            delta.mul_(coefficient)
-        total = delta if total is None else total.add_(delta)
-    if total is None:
+    if not group.non_base:
         return group.base.tensor
-    if lam != 1.0:
-        total.mul_(lam)
-    return finish(group, total.add_(base), method)  # never write into an input
+
+    def merge_block(base: torch.Tensor, models: List[torch.Tensor], buffers: List[torch.Tensor]) -> torch.Tensor:
+        total, delta = buffers
+        for index, (model, coefficient) in enumerate(zip(models, coefficients)):
+            target = delta if index else total
+            task_vector(model, base, target)
+            if coefficient != 1.0:
+                target.mul_(coefficient)
+            if index:
+                total.add_(delta)
+        if lam != 1.0:
+            total.mul_(lam)
+        return total.add_(base)  # never written into an input: ``total`` is scratch
+
+    return blockwise(group, method, 2, merge_block)
 
 
-def finish(group: TensorGroup, merged: torch.Tensor, method: str) -> torch.Tensor:
-    """Cast back to the base dtype after checking that nothing non-finite came in."""
-    if not bool(torch.isfinite(merged).all()):
-        raise_non_finite(group, method)
-    return merged.to(group.base.tensor.dtype)
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no ±inf: a finite sum proves it in one pass; otherwise look element-wise
+    (the sum of finite values may still overflow)."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def raise_non_finite(group: TensorGroup, method: str) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, List
 
 import torch
 from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, TensorGroup
 
-from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, base_in_compute_dtype, finish, task_vectors
+from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, blockwise, task_vector
 from fedmerge_plugins.params import LAMBDA, AgreementRho, shared
 
 
@@ -33,19 +33,25 @@ class FedGMAMerge(GroupMergeMethod):
         count = len(group.non_base)
         if count == 0:
             return group.base.tensor
-        base = base_in_compute_dtype(group)
-        total = torch.zeros_like(base)
-        votes = torch.zeros(base.shape, dtype=torch.int16, device=base.device)
-        for _, delta in task_vectors(group, base):
-            votes.add_(torch.sign(delta).to(torch.int16))
-            total.add_(delta)
-        votes.abs_()
-        mask = votes.to(base.dtype).div_(count)
-        mask.masked_fill_(votes >= full_agreement_count(parameters["rho"], count), 1.0)
-        total.mul_(mask)
-        if parameters["lambda"] != 1.0:
-            total.mul_(parameters["lambda"])
-        return finish(group, total.add_(base), "fedgma")
+        threshold = full_agreement_count(parameters["rho"], count)
+        lam = parameters["lambda"]
+
+        def merge_block(base: torch.Tensor, models: List[torch.Tensor], buffers: List[torch.Tensor]) -> torch.Tensor:
+            total, delta, votes = buffers  # votes: Σ_t sign(τ_t), whole numbers, exact in float
+            task_vector(models[0], base, total)
+            torch.sign(total, out=votes)
+            for model in models[1:]:
+                total.add_(task_vector(model, base, delta))
+                votes.add_(delta.sign_())
+            votes.abs_()
+            full = votes >= threshold
+            mask = votes.div_(count).masked_fill_(full, 1.0)
+            total.mul_(mask)
+            if lam != 1.0:
+                total.mul_(lam)
+            return total.add_(base)
+
+        return blockwise(group, "fedgma", 3, merge_block)
 
 
 fedgma_merge = FedGMAMerge()
