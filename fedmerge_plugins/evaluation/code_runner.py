@@ -14,6 +14,7 @@ It is not a security sandbox against hostile code: run untrusted models in a con
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -83,6 +84,22 @@ def _kill_group(process: subprocess.Popen) -> None:
         pass
 
 
+def _wait(process: subprocess.Popen, timeout_s: float) -> int:
+    """``process.wait(timeout_s)`` without its sleep-polling where Linux offers a pidfd
+    (programs take ~20 ms; polling added as much again)."""
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        return process.wait(timeout=timeout_s)
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout_s)
+    finally:
+        os.close(pidfd)
+    if not ready:
+        raise subprocess.TimeoutExpired(process.args, timeout_s)
+    return process.wait()
+
+
 def run_program(
     program: str,
     *,
@@ -96,6 +113,10 @@ def run_program(
     """
     if timeout_s <= 0 or memory_mb <= 0:
         raise ValueError("timeout_s and memory_mb must be positive")
+    try:  # compiling runs nothing; a program that does not compile fails without a process
+        compile(program, "candidate.py", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as error:
+        return RunResult("failed", 1, f"{type(error).__name__}: {error}")
     with tempfile.TemporaryDirectory(prefix="fedmerge-code-") as directory:
         workdir = Path(directory)
         (workdir / "candidate.py").write_text(program, encoding="utf-8")
@@ -131,7 +152,7 @@ def run_program(
                 close_fds=True,
             )
             try:
-                returncode = process.wait(timeout=timeout_s)
+                returncode = _wait(process, timeout_s)
             except subprocess.TimeoutExpired:
                 _kill_group(process)
                 process.wait()
