@@ -41,7 +41,8 @@ def cache_dir() -> Path:
 
 def checkpoint_identity(index: ShardedTensorIndex) -> Tuple[FileIdentity, ...]:
     """(resolved path, size, mtime in ns) of every weight file of a checkpoint."""
-    files = sorted({os.path.realpath(os.path.join(index.base_path, f)) for f in index.tensor_paths.values()})
+    # A shard holds many tensors: resolve each file once, not once per tensor.
+    files = sorted({os.path.realpath(os.path.join(index.base_path, f)) for f in set(index.tensor_paths.values())})
     return tuple((path, (st := os.stat(path)).st_size, st.st_mtime_ns) for path in files)
 
 

@@ -1,0 +1,638 @@
+"""Time fedmerge's merge methods against mergekit's task_arithmetic and an I/O floor.
+
+Makes (once, cached) a Llama-architecture bfloat16 base and four task checkpoints of a
+chosen size, then runs whole processes, interleaved (A B C … A B C …): ``mergekit-yaml``
+for task_arithmetic, fednova, fedgma, median, cclip with a cold and with a warm norm
+cache, ``mergekit-yaml --help`` (mergekit's start-up alone) and ``bench/floor.py``
+(read every input tensor once, θ_0 + λ Σ τ_t, write). Each child's wall time, CPU time
+(user + system) and peak resident memory come from ``os.wait4``. It also measures what
+the autoload adds to interpreter start-up and what the plugin costs once mergekit is
+imported, in two scratch virtual environments that differ only by the autoload.
+
+Writes ``RESULTS.md`` and ``results.json`` into ``--output-dir`` (default: this folder).
+
+    .venv/bin/python bench/bench.py                  # 270M parameters, 3 repetitions
+    .venv/bin/python bench/bench.py --size 1b --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import py_compile
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import yaml
+from tqdm.auto import tqdm
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BIN = Path(sys.executable).parent
+FORMAT_VERSION = 1
+
+# Llama shapes (vocab, hidden, layers, heads, intermediate); heads = key-value heads.
+SIZES: Dict[str, Dict[str, int]] = {
+    "tiny": dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+    "270m": dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, intermediate_size=2816),
+    "1b": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, intermediate_size=5632),
+    "3b": dict(vocab_size=32000, hidden_size=3200, num_hidden_layers=26, num_attention_heads=32, intermediate_size=8640),
+}
+# Std of task model t's offset θ_t − θ_0 per weight (base weights have std 0.02); the
+# fourth model is used by the T = 4 variants only.
+SCALES = (0.001, 0.002, 0.01, 0.0015)
+LAMBDA = 0.5
+STEPS = (1000, 2000, 4000, 3000)  # fednova: unequal training, so every c_t ≠ 1
+AGREEMENT_RHO = 0.5  # fedgma
+MARKER = "<!-- Notes below this line are kept when bench.py regenerates this file. -->"
+
+
+# ---- inputs -----------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    size: str
+    root: Path
+    base: Path
+    tasks: List[Path]
+    parameters: int
+
+
+def parameter_count(size: str) -> int:
+    from fedmerge_plugins.synthetic import llama_config, parameter_shapes
+
+    return sum(math.prod(shape) for shape in parameter_shapes(llama_config(**SIZES[size])).values())
+
+
+def ensure_checkpoints(cache_dir: Path, size: str) -> Inputs:
+    """Base + len(SCALES) bfloat16 task checkpoints under ``cache_dir``, made once and reused."""
+    root = cache_dir / f"{size}-bf16"
+    spec = {"version": FORMAT_VERSION, "config": SIZES[size], "scales": list(SCALES), "seed": 0, "dtype": "bfloat16"}
+    marker = root / "complete.json"
+    names = [f"task{i}" for i in range(len(SCALES))]
+    count = parameter_count(size)
+    inputs = Inputs(size, root, root / "base", [root / n for n in names], count)
+    if marker.exists() and json.loads(marker.read_text()).get("spec") == spec:
+        return inputs
+    needed = 2 * count * (len(SCALES) + 2)  # five checkpoints and one merged output
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(cache_dir).free < needed * 1.1:
+        raise SystemExit(f"{cache_dir}: need about {needed / 2**30:.1f} GiB free for the {size} checkpoints")
+    shutil.rmtree(root, ignore_errors=True)
+
+    import torch
+
+    from fedmerge_plugins.synthetic import base_tensors, llama_config, task_tensors, write_checkpoint
+
+    config = llama_config(**SIZES[size])
+    with tqdm(total=len(SCALES) + 1, desc=f"writing {size} checkpoints", unit="model") as progress:
+        base = base_tensors(config, seed=0, dtype=torch.bfloat16)
+        write_checkpoint(inputs.base, config, base)
+        progress.update()
+        for i, (path, scale) in enumerate(zip(inputs.tasks, SCALES)):
+            write_checkpoint(path, config, task_tensors(base, scale, seed=1 + i))  # as synthetic.make_family
+            progress.update()
+    marker.write_text(json.dumps({"spec": spec, "parameters": count}, indent=1))
+    return inputs
+
+
+# ---- variants ---------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    name: str
+    models: int  # T
+    kind: str  # "mergekit", "floor" or "startup"
+    recipe: Optional[dict] = None
+    norm_cache: Optional[str] = None  # cclip: "cold" or "warm"
+    target: Optional[float] = None  # wall-time ratio to task_arithmetic with the same T
+
+
+def recipe(inputs: Inputs, method: str, models: int, parameters: dict, per_model: Optional[List[dict]] = None) -> dict:
+    entries = []
+    for i, path in enumerate(inputs.tasks[:models]):
+        entry: dict = {"model": str(path)}
+        if per_model:
+            entry["parameters"] = per_model[i]
+        entries.append(entry)
+    return {
+        "merge_method": method,
+        "base_model": str(inputs.base),
+        "models": entries,
+        "parameters": parameters,
+        "dtype": "bfloat16",
+    }
+
+
+def clip_radius(inputs: Inputs) -> float:
+    """ρ between the task-vector norms (≈ scale · √parameters): clips one model of three."""
+    return 0.003 * math.sqrt(inputs.parameters)
+
+
+def variants(inputs: Inputs) -> List[Variant]:
+    lam = {"lambda": LAMBDA}
+    weights = [{"weight": 1.0} for _ in SCALES]
+    steps = [{"steps": s} for s in STEPS]
+    clip = {"lambda": LAMBDA, "rho": round(clip_radius(inputs), 6)}
+    return [
+        Variant("startup", 0, "startup"),
+        Variant("task_arithmetic", 3, "mergekit", recipe(inputs, "task_arithmetic", 3, lam, weights)),
+        Variant("fednova", 3, "mergekit", recipe(inputs, "fednova", 3, lam, steps), target=1.05),
+        Variant("fedgma", 3, "mergekit", recipe(inputs, "fedgma", 3, {**lam, "rho": AGREEMENT_RHO}), target=1.05),
+        Variant("median", 3, "mergekit", recipe(inputs, "median", 3, lam), target=1.3),
+        Variant("cclip_cold", 3, "mergekit", recipe(inputs, "cclip", 3, clip), norm_cache="cold", target=1.8),
+        Variant("cclip_warm", 3, "mergekit", recipe(inputs, "cclip", 3, clip), norm_cache="warm", target=1.05),
+        Variant("floor", 3, "floor"),
+        Variant("task_arithmetic_t4", 4, "mergekit", recipe(inputs, "task_arithmetic", 4, lam, weights)),
+        Variant("median_t4", 4, "mergekit", recipe(inputs, "median", 4, lam), target=1.3),
+        Variant("floor_t4", 4, "floor"),
+    ]
+
+
+def reference_names(variant: Variant) -> tuple:
+    """(task_arithmetic, floor) variants with the same number of task models."""
+    suffix = "_t4" if variant.models == 4 else ""
+    return f"task_arithmetic{suffix}", f"floor{suffix}"
+
+
+# ---- measured runs ----------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    wall_s: float
+    cpu_s: float
+    peak_rss_mib: float
+    load: float  # 1-minute load average when the run started
+
+
+def child_env() -> Dict[str, str]:
+    """Offline hub access; byte-code caching on, as for a user (pip installs compile it)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def run_child(argv: List[str], env: Dict[str, str], log: Path) -> Sample:
+    """Run one process; its own rusage comes from wait4 (not cumulative over children)."""
+    load = os.getloadavg()[0]
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:])
+        raise RuntimeError(f"{shlex.join(argv)} exited with {child.returncode}:\n{tail}")
+    return Sample(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, load)
+
+
+class Runner:
+    """Runs variants in a scratch folder; outputs are deleted and synced after each run."""
+
+    def __init__(self, inputs: Inputs, work: Path) -> None:
+        self.inputs = inputs
+        self.work = work
+        self.env = child_env()
+        self.warm_cache = work / "norms-warm"
+        self.runs = 0
+
+    def command(self, variant: Variant, out: Path) -> List[str]:
+        if variant.kind == "startup":
+            return [str(BIN / "mergekit-yaml"), "--help"]
+        if variant.kind == "floor":
+            models = [str(p) for p in self.inputs.tasks[: variant.models]]
+            return [sys.executable, str(HERE / "floor.py"), str(out), str(self.inputs.base), *models, "--lambda", str(LAMBDA)]
+        config = self.work / f"{variant.name}.yml"
+        if not config.exists():
+            config.write_text(yaml.safe_dump(variant.recipe, sort_keys=False))
+        return [str(BIN / "mergekit-yaml"), str(config), str(out), "--no-write-model-card"]
+
+    def run(self, variant: Variant) -> Sample:
+        self.runs += 1
+        out = self.work / "out"
+        env = dict(self.env)
+        cache = None
+        if variant.norm_cache == "cold":
+            cache = self.work / f"norms-cold-{self.runs}"
+        elif variant.norm_cache == "warm":
+            cache = self.warm_cache
+        if cache is not None:
+            env["FEDMERGE_CACHE_DIR"] = str(cache)
+        before = norm_file_state(cache)
+        sample = run_child(self.command(variant, out), env, self.work / f"{variant.name}.log")
+        if cache is not None:
+            check_norm_cache(variant, cache, before)
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()  # the next run must not pay for this one's write-back
+        return sample
+
+
+def norm_file_state(cache: Optional[Path]) -> Optional[int]:
+    path = cache / "norms.json" if cache else None
+    return path.stat().st_mtime_ns if path and path.exists() else None
+
+
+def check_norm_cache(variant: Variant, cache: Path, before: Optional[int]) -> None:
+    """A cold run must compute and store every norm; a warm one must read them only."""
+    after = norm_file_state(cache)
+    if variant.norm_cache == "cold" or before is None:
+        stored = json.loads((cache / "norms.json").read_text()) if after else {}
+        if len(stored) != variant.models:
+            raise RuntimeError(f"{variant.name}: expected {variant.models} norms in {cache}, found {len(stored)}")
+    elif after != before:
+        raise RuntimeError(f"{variant.name}: the warm norm cache {cache} was rewritten: norms were recomputed")
+
+
+def run_interleaved(runner: Runner, chosen: Sequence[Variant], repeat: int, warmup: int) -> Dict[str, List[Sample]]:
+    """Warm-up rounds (untimed; the first cclip_warm run fills the warm cache), then
+    ``repeat`` rounds of every variant in the same order."""
+    samples: Dict[str, List[Sample]] = {v.name: [] for v in chosen}
+    untimed = [v for _ in range(warmup) for v in chosen] or [v for v in chosen if v.norm_cache == "warm"][:1]
+    rounds = [(False, v) for v in untimed] + [(True, v) for _ in range(repeat) for v in chosen]
+    for timed, variant in tqdm(rounds, desc="merges", unit="run"):
+        sample = runner.run(variant)
+        if timed:
+            samples[variant.name].append(sample)
+    return samples
+
+
+# ---- start-up and plugin import ---------------------------------------------------------
+
+
+PLUGIN_PROBE = """
+import importlib, json, sys, time
+hooks = json.loads(sys.argv[1])
+result = {}
+for module in hooks:
+    start = time.perf_counter()
+    importlib.import_module(module)
+    result["import " + module] = 1e3 * (time.perf_counter() - start)
+from mergekit.merge_methods import registry
+result["hooked"] = "fednova" in {m.spec.name for m in registry.registered_methods()}
+import fedmerge_plugins
+for hook in hooks.values():
+    start = time.perf_counter()
+    getattr(fedmerge_plugins, hook)()
+    result[hook] = 1e3 * (time.perf_counter() - start)
+print(json.dumps(result))
+"""
+
+
+def autoload_hooks() -> Dict[str, str]:
+    """The autoload's table: mergekit module -> fedmerge_plugins function run after its import."""
+    import fedmerge_autoload  # already imported at start-up when fedmerge is installed
+
+    return dict(fedmerge_autoload._HOOKS)
+
+
+def autoload_source() -> Path:
+    """The installed autoload files when present, else the repository's copies."""
+    installed = Path(sysconfig.get_paths()["purelib"])
+    return installed if (installed / "fedmerge_autoload.py").exists() else REPO / "autoload"
+
+
+def scratch_pythons(root: Path) -> Dict[str, Path]:
+    """Two fresh venvs of this interpreter that see this venv's packages through a
+    path-only .pth (so none of its .pth files runs); "with" also has the autoload."""
+    purelib = sysconfig.get_paths()["purelib"]
+    pythons = {}
+    for name in ("with", "without"):
+        home = root / name
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(home)], check=True)
+        site = Path(sysconfig.get_path("purelib", vars={"base": str(home), "platbase": str(home)}))
+        (site / "fedmerge_bench_paths.pth").write_text(f"{purelib}\n{REPO}\n")
+        if name == "with":
+            for file in ("fedmerge_autoload.py", "fedmerge_autoload.pth"):
+                shutil.copy(autoload_source() / file, site / file)
+            py_compile.compile(str(site / "fedmerge_autoload.py"), doraise=True)  # as pip does on install
+        pythons[name] = home / "bin" / "python"
+    return pythons
+
+
+def import_lines(python: Path, code: str) -> Dict[str, Tuple[int, int]]:
+    """``-X importtime`` of ``python -c code``: module -> (self µs, cumulative µs)."""
+    run = subprocess.run(
+        [str(python), "-X", "importtime", "-c", code], capture_output=True, text=True, check=True, env=child_env()
+    )
+    lines = {}
+    for line in run.stderr.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            lines[parts[2].strip()] = (int(parts[0].split(":")[-1]), int(parts[1]))
+    return lines
+
+
+def import_time_us(python: Path, module: str) -> Optional[int]:
+    """Cumulative ``-X importtime`` of ``module`` at start-up of ``python -c pass``."""
+    return import_lines(python, "pass").get(module, (None, None))[1]
+
+
+def added_import_us(pythons: Dict[str, Path], code: str) -> int:
+    """Self import time of the modules that ``code`` imports with the autoload and not
+    without it: fedmerge's own modules and whatever only they need."""
+    without = import_lines(pythons["without"], code)
+    return sum(own for name, (own, _) in import_lines(pythons["with"], code).items() if name not in without)
+
+
+def wall_ms(argv: List[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
+    return 1e3 * (time.perf_counter() - start)
+
+
+def measure_startup(startup_runs: int, plugin_runs: int) -> dict:
+    result: dict = {}
+    with tempfile.TemporaryDirectory(prefix="fedmerge-bench-venvs-") as tmp:
+        pythons = scratch_pythons(Path(tmp))
+        if startup_runs:
+            walls: Dict[str, List[float]] = {name: [] for name in pythons}
+            autoload = []
+            for _ in tqdm(range(startup_runs), desc="interpreter start-up", unit="pair"):
+                for name, python in pythons.items():
+                    walls[name].append(wall_ms([str(python), "-c", "pass"]))
+                autoload.append(import_time_us(pythons["with"], "fedmerge_autoload"))
+            venv_line = import_time_us(Path(sys.executable), "fedmerge_autoload")
+            result["startup"] = {
+                "runs": startup_runs,
+                "python_c_pass_ms": {name: statistics.median(v) for name, v in walls.items()},
+                "added_ms": statistics.median(walls["with"]) - statistics.median(walls["without"]),
+                "autoload_importtime_us": statistics.median(a for a in autoload if a is not None),
+                "this_venv_autoload_importtime_us": venv_line,
+                "samples_ms": walls,
+            }
+        if plugin_runs:
+            hooks = autoload_hooks()
+            probes: Dict[str, List[dict]] = {name: [] for name in pythons}
+            added_us: List[int] = []
+            for _ in tqdm(range(plugin_runs), desc="plugin import", unit="pair"):
+                for name, python in pythons.items():
+                    run = subprocess.run(
+                        [str(python), "-c", PLUGIN_PROBE, json.dumps(hooks)],
+                        capture_output=True, text=True, check=True, env=child_env(),
+                    )
+                    probes[name].append(json.loads(run.stdout.strip().splitlines()[-1]))
+                added_us.append(added_import_us(pythons, "import " + ", ".join(hooks)))
+            if not all(p.pop("hooked") for p in probes["with"]) or any(p.pop("hooked") for p in probes["without"]):
+                raise RuntimeError("the scratch venvs do not differ by the autoload as intended")
+            result["plugin"] = {
+                "runs": plugin_runs,
+                "hooks": hooks,
+                "added_importtime_us": statistics.median(added_us),
+                **{name: {k: statistics.median(p[k] for p in runs) for k in runs[0]} for name, runs in probes.items()},
+            }
+    return result
+
+
+# ---- report -----------------------------------------------------------------------------
+
+
+def summarize(chosen: Sequence[Variant], samples: Dict[str, List[Sample]]) -> Dict[str, dict]:
+    medians = {
+        name: {key: statistics.median(getattr(s, key) for s in runs) for key in ("wall_s", "cpu_s", "peak_rss_mib")}
+        for name, runs in samples.items()
+        if runs
+    }
+    rows = {}
+    for variant in chosen:
+        row = dict(medians[variant.name], models=variant.models, target=variant.target)
+        ta, floor = reference_names(variant)
+        if variant.kind == "mergekit" and ta in medians:
+            for key in ("wall_s", "cpu_s", "peak_rss_mib"):
+                row[f"{key}_vs_task_arithmetic"] = row[key] / medians[ta][key]
+        if variant.kind == "mergekit" and floor in medians:
+            row["wall_s_vs_floor"] = row["wall_s"] / medians[floor]["wall_s"]
+        rows[variant.name] = row
+    return rows
+
+
+def machine() -> dict:
+    import safetensors
+    import torch
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), 0)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem / 2**20, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "mergekit": version("mergekit"),
+        "safetensors": safetensors.__version__,
+        "fedmerge": version("fedmerge"),
+    }
+
+
+def iqr(values: Sequence[float]) -> float:
+    quartiles = statistics.quantiles(values, n=4)
+    return quartiles[2] - quartiles[0]
+
+
+def fmt(value: Optional[float], digits: int = 2, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def verdicts(rows: Dict[str, dict], startup: dict) -> List[str]:
+    lines = []
+    for name, row in rows.items():
+        if row.get("target") is None or "wall_s_vs_task_arithmetic" not in row:
+            continue
+        wall, rss = row["wall_s_vs_task_arithmetic"], row["peak_rss_mib_vs_task_arithmetic"]
+        ok = wall <= row["target"] and rss <= 1.1
+        lines.append(
+            f"- {name}: wall {wall:.3f}× (target ≤ {row['target']}×), peak memory {rss:.3f}× (target ≤ 1.1×): "
+            + ("met" if ok else "**missed**")
+        )
+    if "startup" in startup:
+        ms = startup["startup"]["autoload_importtime_us"] / 1e3
+        lines.append(f"- autoload at start-up: {ms:.2f} ms (target < 20 ms): " + ("met" if ms < 20 else "**missed**"))
+    return lines
+
+
+def markdown(report: dict) -> str:
+    m, inputs, rows = report["machine"], report["inputs"], report["rows"]
+    load = report["load"]
+    out = [
+        "# Benchmark: fedmerge's methods against mergekit's task_arithmetic and an I/O floor",
+        "",
+        "Generated by `bench/bench.py`; re-run it whenever a method's kernel changes. Made with:",
+        "",
+        f"    {report['command']}",
+        "",
+        f"on {report['date']}.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {m['cpu']}, {m['cores']} cores (torch uses {m['torch_threads']} threads); RAM {m['ram_gib']} GiB; {m['os']}",
+        f"- Python {m['python']}, torch {m['torch']}, mergekit {m['mergekit']}, safetensors {m['safetensors']}, fedmerge {m['fedmerge']}",
+        f"- 1-minute load average at the start of the runs: median {load['median']:.2f}, range {load['min']:.2f}–{load['max']:.2f}"
+        " (other processes shared the machine: compare ratios, not absolute times)",
+        "",
+        "## Inputs",
+        "",
+        f"- Size preset `{inputs['size']}`: Llama architecture {inputs['config']}, {inputs['parameters']:,} parameters,"
+        f" bfloat16, one safetensors file per checkpoint ({inputs['parameters'] * 2 / 2**20:.0f} MiB each).",
+        f"- A base and four task models θ_t = θ_0 + N(0, s_t²), s = {list(SCALES)}; T = 3 uses the first three.",
+        f"- Recipes: `dtype: bfloat16`, λ = {LAMBDA}; task_arithmetic with weight 1.0 per model; fednova steps"
+        f" {list(STEPS[:3])}; fedgma ρ = {AGREEMENT_RHO}; cclip ρ = {inputs['clip_rho']:.4g} (clips the largest of the"
+        " three task vectors). mergekit computes task_arithmetic in the recipe's dtype (bfloat16), fedmerge's"
+        " kernels in float32; the floor in float32.",
+        "- cclip_cold: a new empty `FEDMERGE_CACHE_DIR` per run, so the run streams every tensor of the base and of"
+        " each task model once more to compute the global norms; cclip_warm: a cache filled beforehand (checked:"
+        " the warm runs never rewrite it, each cold run stores three norms).",
+        f"- {report['warmup']} untimed warm-up round(s), then {report['repeat']} timed rounds, interleaved"
+        " (every variant once per round, same order). Inputs stay in the page cache (24 GiB RAM);"
+        " each output is deleted and `sync`ed after its run, outside the timing.",
+        "",
+        "## Merges (whole processes; medians)",
+        "",
+        "Ratios compare with task_arithmetic and the floor over the same T. `startup` is `mergekit-yaml --help`:"
+        " mergekit's import time, the fixed part of every mergekit-yaml row.",
+        "",
+        "| variant | T | wall s | CPU s | peak RSS MiB | wall / task_arithmetic | CPU / task_arithmetic"
+        " | RSS / task_arithmetic | wall / floor | target (wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        target = f"≤ {row['target']}×" if row.get("target") else ""
+        out.append(
+            f"| {name} | {row['models'] or ''} | {fmt(row['wall_s'])} | {fmt(row['cpu_s'])} | {fmt(row['peak_rss_mib'], 0)}"
+            f" | {fmt(row.get('wall_s_vs_task_arithmetic'), 3)} | {fmt(row.get('cpu_s_vs_task_arithmetic'), 3)}"
+            f" | {fmt(row.get('peak_rss_mib_vs_task_arithmetic'), 3)} | {fmt(row.get('wall_s_vs_floor'), 2)} | {target} |"
+        )
+    out += ["", "Targets:", "", *verdicts(rows, report["startup"]), ""]
+    startup = report["startup"]
+    if startup:
+        out += ["## Start-up and plugin import", ""]
+    if "startup" in startup:
+        s = startup["startup"]
+        out += [
+            "Two scratch venvs of the same interpreter see this venv's packages through a path-only `.pth`"
+            " (so none of its `.pth` files runs); they differ only by `fedmerge_autoload.pth` and"
+            f" `fedmerge_autoload.py`. Medians of {s['runs']} interleaved runs:",
+            "",
+            f"- `-X importtime` of `fedmerge_autoload` (what the `.pth` line executes): {s['autoload_importtime_us'] / 1e3:.3f} ms"
+            f" (in this venv: {fmt(s['this_venv_autoload_importtime_us'] and s['this_venv_autoload_importtime_us'] / 1e3, 3)} ms)",
+            f"- wall time of `python -c pass`: {s['python_c_pass_ms']['with']:.1f} ms with the autoload,"
+            f" {s['python_c_pass_ms']['without']:.1f} ms without (difference {s['added_ms']:+.1f} ms;"
+            f" interquartile range of the runs without it: {iqr(s['samples_ms']['without']):.1f} ms)",
+            "",
+        ]
+    if "plugin" in startup:
+        p = startup["plugin"]
+        imports = [f"import {module}" for module in p["hooks"]]
+        with_ms, without_ms = (sum(p[name][key] for key in imports) for name in ("with", "without"))
+        out += [
+            f"Plugin cost once mergekit is imported (medians of {p['runs']} fresh processes per venv):",
+            "",
+            f"- importing {', '.join(f'`{m}`' for m in p['hooks'])} (torch and mergekit included; the autoload's"
+            f" hooks run after each): {with_ms:.0f} ms with the autoload, {without_ms:.0f} ms without"
+            f" (difference {with_ms - without_ms:+.0f} ms; the difference mostly measures the spread of these"
+            " multi-second imports)",
+            f"- `-X importtime` of the modules those imports load only with the autoload (fedmerge's own and"
+            f" what only they need), summed: {p['added_importtime_us'] / 1e3:.1f} ms",
+            "- the hooks alone, called after those imports in the venv without the autoload: "
+            + ", ".join(f"`{hook}()` {p['without'][hook]:.1f} ms" for hook in p["hooks"].values()),
+            "",
+        ]
+    out += [
+        "Raw samples: `results.json` next to this file.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def write_report(output_dir: Path, report: dict) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    target = output_dir / "RESULTS.md"
+    kept = ""
+    if target.exists() and MARKER in target.read_text():
+        kept = target.read_text().split(MARKER, 1)[1]
+    target.write_text(markdown(report) + "\n" + MARKER + (kept or "\n"))
+    return target
+
+
+# ---- command line -----------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=SIZES, default="270m", help="checkpoint size preset (default 270m)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--variants", default="all", help="comma-separated subset of the variants (default all)")
+    parser.add_argument("--startup-runs", type=int, default=30, help="interpreter start-ups per venv (0 skips)")
+    parser.add_argument("--plugin-runs", type=int, default=5, help="plugin import probes per venv (0 skips)")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "fedmerge-bench", help="where checkpoints are kept"
+    )
+    parser.add_argument("--output-dir", type=Path, default=HERE, help="where RESULTS.md and results.json go")
+    args = parser.parse_args(argv)
+    if args.repeat < 1 or args.warmup < 0 or args.startup_runs < 0 or args.plugin_runs < 0:
+        parser.error("--repeat must be ≥ 1; --warmup, --startup-runs and --plugin-runs ≥ 0")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(argv)
+    inputs = ensure_checkpoints(args.cache_dir, args.size)
+    every = variants(inputs)
+    if args.variants == "all":
+        chosen = every
+    else:
+        wanted = [name.strip() for name in args.variants.split(",") if name.strip()]
+        unknown = sorted(set(wanted) - {v.name for v in every})
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {unknown}; choose from {[v.name for v in every]}")
+        chosen = [v for v in every if v.name in wanted]
+    print(f"{args.size}: {inputs.parameters:,} parameters per checkpoint, in {inputs.root}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="work-", dir=args.cache_dir) as work:
+        samples = run_interleaved(Runner(inputs, Path(work)), chosen, args.repeat, args.warmup)
+    startup = measure_startup(args.startup_runs, args.plugin_runs)
+    loads = [s.load for runs in samples.values() for s in runs]
+    report = {
+        "command": shlex.join([".venv/bin/python", "bench/bench.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "inputs": {
+            "size": args.size,
+            "config": SIZES[args.size],
+            "parameters": inputs.parameters,
+            "clip_rho": clip_radius(inputs),
+        },
+        "repeat": args.repeat,
+        "warmup": args.warmup,
+        "load": {"median": statistics.median(loads), "min": min(loads), "max": max(loads)},
+        "rows": summarize(chosen, samples),
+        "startup": startup,
+        "samples": {name: [asdict(s) for s in runs] for name, runs in samples.items()},
+        "recipes": {v.name: v.recipe for v in chosen if v.recipe},
+    }
+    target = write_report(args.output_dir, report)
+    print(f"wrote {target}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""bench/: the floor merge's values, the report's ratios, and a smoke run at the tiny size.
+
+No timing is asserted: the benchmark measures, the tests only check that what it reports
+is computed from its samples and that the runs it times did the work they claim.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedmerge_plugins.synthetic import make_family
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+floor = load_script("floor")
+bench = load_script("bench")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_floor_is_task_arithmetic_in_float64(tmp_path: Path, dtype: torch.dtype) -> None:
+    family = make_family(tmp_path / "family", scales=[0.01, 0.03, 0.1], dtype=dtype, shards=2)
+    lam = 0.7
+    target = floor.floor_merge(tmp_path / "out", family.base, family.tasks, lam)
+    merged = load_file(str(target))
+    assert set(merged) == set(family.base_tensors)
+    for name, base in family.base_tensors.items():
+        tau = sum(t[name].double() - base.double() for t in family.task_tensors)
+        expected = (base.double() + lam * tau).to(dtype)
+        assert merged[name].dtype == dtype
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=float(expected.abs().max()) * 2**-7)
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_floor_names_the_model_missing_a_tensor(tmp_path: Path) -> None:
+    family = make_family(tmp_path / "family", scales=[0.01], extra_tokens=[1])
+    with pytest.raises(ValueError, match=r"task0: no tensor (lm_head|model.embed_tokens).weight of shape \(96, 32\)"):
+        floor.floor_merge(tmp_path / "out", family.base, family.tasks, 1.0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_summary_ratios_are_medians_over_medians() -> None:
+    inputs = bench.Inputs("tiny", Path("."), Path("b"), [Path(f"t{i}") for i in range(4)], 10**6)
+    chosen = [v for v in bench.variants(inputs) if v.name in {"task_arithmetic", "median", "floor"}]
+    sample = lambda wall, cpu, rss: bench.Sample(wall, cpu, rss, 0.0)  # noqa: E731
+    samples = {
+        "task_arithmetic": [sample(10, 8, 100), sample(12, 9, 110), sample(30, 20, 90)],
+        "median": [sample(13, 10, 105), sample(11, 12, 120), sample(14, 11, 100)],
+        "floor": [sample(4, 2, 50), sample(5, 3, 50), sample(6, 4, 50)],
+    }
+    rows = bench.summarize(chosen, samples)
+    assert rows["median"]["wall_s"] == 13 and rows["task_arithmetic"]["wall_s"] == 12
+    assert rows["median"]["wall_s_vs_task_arithmetic"] == pytest.approx(13 / 12)
+    assert rows["median"]["cpu_s_vs_task_arithmetic"] == pytest.approx(11 / 9)
+    assert rows["median"]["peak_rss_mib_vs_task_arithmetic"] == pytest.approx(105 / 100)
+    assert rows["median"]["wall_s_vs_floor"] == pytest.approx(13 / 5)
+    assert "wall_s_vs_task_arithmetic" not in rows["floor"]
+    lines = bench.verdicts(rows, {})
+    assert lines == ["- median: wall 1.083× (target ≤ 1.3×), peak memory 1.050× (target ≤ 1.1×): met"]
+    rows["median"]["peak_rss_mib_vs_task_arithmetic"] = 1.2
+    assert bench.verdicts(rows, {})[0].endswith("**missed**")
+
+
+def test_warm_norm_cache_that_is_rewritten_is_an_error(tmp_path: Path) -> None:
+    warm = next(v for v in bench.variants(bench.Inputs("tiny", tmp_path, tmp_path, [tmp_path] * 4, 10)) if v.name == "cclip_warm")
+    (tmp_path / "norms.json").write_text(json.dumps({"a": 1, "b": 2, "c": 3}))
+    before = bench.norm_file_state(tmp_path)
+    bench.check_norm_cache(warm, tmp_path, before)  # untouched: fine
+    (tmp_path / "norms.json").write_text(json.dumps({"a": 1, "b": 2, "c": 4}))
+    os.utime(tmp_path / "norms.json", ns=(before + 10**9, before + 10**9))
+    with pytest.raises(RuntimeError, match="recomputed"):
+        bench.check_norm_cache(warm, tmp_path, before)
+
+
+@pytest.mark.slow
+def test_bench_smoke_at_tiny_size(tmp_path: Path) -> None:
+    variants = "task_arithmetic,median,cclip_cold,cclip_warm,floor"
+    command = [
+        sys.executable, str(REPO / "bench" / "bench.py"), "--size", "tiny", "--repeat", "1", "--warmup", "0",
+        "--variants", variants, "--startup-runs", "2", "--plugin-runs", "1",
+        "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "results"),
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert list(report["rows"]) == variants.split(",")
+    for name in ("median", "cclip_cold", "cclip_warm"):
+        row = report["rows"][name]
+        assert len(report["samples"][name]) == 1
+        assert row["wall_s_vs_task_arithmetic"] == pytest.approx(row["wall_s"] / report["rows"]["task_arithmetic"]["wall_s"])
+        assert row["wall_s_vs_floor"] == pytest.approx(row["wall_s"] / report["rows"]["floor"]["wall_s"])
+    assert report["recipes"]["median"]["merge_method"] == "median"
+    assert report["startup"]["startup"]["autoload_importtime_us"] > 0
+    assert set(report["startup"]["plugin"]["with"]) >= {"register", "install_planner_check", "install_run_merge_check"}
+    text = (tmp_path / "results" / "RESULTS.md").read_text()
+    assert "| cclip_warm | 3 |" in text and "autoload at start-up" in text
+    assert "bench/bench.py --size tiny" in report["command"]
