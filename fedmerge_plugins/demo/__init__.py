@@ -1,0 +1,7 @@
+"""``fedmerge demo``: the paper's LLM experiment (section 7) in miniature, on CPU, offline.
+
+Modules: ``data`` (synthetic tasks, corpus, JSONL), ``tokenizer``, ``train`` (pre-training and
+fine-tuning loops), ``build`` (the cached model build), ``recipes`` (templates in
+``configs/demo``), ``evaluate`` (lm-eval scoring), ``run`` (the pipeline), ``report``
+(tables, report.md, chart), ``cli``. Importing this package imports neither torch nor lm-eval.
+"""
