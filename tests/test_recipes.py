@@ -21,6 +21,7 @@ from fedmerge_plugins.recipe import RecipeError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LLAMA = CONFIGS / "llama2-13b"
+DEMO_TEMPLATES = CONFIGS / "demo"  # `fedmerge demo` fills their ${...} fields; test_demo.py checks the filled recipes
 PLACEHOLDER = "FILL_IN"
 
 # Paper Table 9 and section 7.2: role -> (Hugging Face id, global task-vector L2 norm).
@@ -46,7 +47,9 @@ def cclip_grid(roles: List[str]) -> List[float]:
 
 
 def recipe_files() -> List[Path]:
-    return sorted(p for pattern in ("*.yml", "*.yaml") for p in CONFIGS.glob(f"**/{pattern}"))
+    """Every recipe under configs/ except the demo's templates."""
+    found = (p for pattern in ("*.yml", "*.yaml") for p in CONFIGS.glob(f"**/{pattern}"))
+    return sorted(p for p in found if DEMO_TEMPLATES not in p.parents)
 
 
 def llama_recipes() -> List[Path]:
@@ -112,6 +115,15 @@ def test_recipe_is_valid_and_its_parameters_bind(path: Path, monkeypatch: pytest
         return
     recipe_checks.check_recipe(config)
     bind(config)  # raises for a missing required value or a value its type rejects
+
+
+@pytest.mark.parametrize("method", ["fednova", "fedgma", "median", "cclip"])
+def test_unfilled_demo_template_fails_with_a_clear_message(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user who runs a template from configs/demo/ as it is learns that its fields are to be filled."""
+    config = MergeConfiguration.model_validate(load_recipe(DEMO_TEMPLATES / "instruction-math-code" / f"{method}.yml"))
+    monkeypatch.setattr(recipe_checks, "check_shapes", lambda config, tasks: None)
+    with pytest.raises(RecipeError, match=r"`lambda` = '\$\{lambda\}' is invalid: a placeholder"):
+        recipe_checks.check_recipe(config)
 
 
 def test_the_binding_check_can_fail() -> None:
