@@ -31,6 +31,7 @@ from fedmerge_plugins.clip.models import (
     load_tokenizer,
     tower_state_dict,
 )
+from fedmerge_plugins.normalized import normalized_accuracy
 
 FINETUNED_VERSION = 1
 
@@ -160,14 +161,11 @@ class Session:
 
 def normalized(accuracies: Mapping[str, float], reference: Mapping[str, float], split: str) -> Dict[str, float]:
     """accuracy / fine-tuned accuracy per task; a fine-tuned accuracy of 0 is an error."""
-    result = {}
-    for task, accuracy in accuracies.items():
-        if reference[task] <= 0:
-            raise ValueError(
-                f"task {task}: the fine-tuned model scores 0 on {split}; normalized accuracy is undefined"
-            )
-        result[task] = accuracy / reference[task]
-    return result
+    return normalized_accuracy(
+        accuracies,
+        reference,
+        lambda task: f"task {task}: the fine-tuned model scores 0 on {split}; normalized accuracy is undefined",
+    )
 
 
 def evaluate_tower(

@@ -12,7 +12,8 @@ from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 from fedmerge_plugins.demo.build import TASK_MODELS
 from fedmerge_plugins.demo.data import TASK_LABELS, TASKS
-from fedmerge_plugins.demo.recipes import MERGE_SETS, METHODS
+from fedmerge_plugins.demo.recipes import METHODS
+from fedmerge_plugins.evaluation.report import markdown_table
 
 CHART = "normalized_accuracy.png"
 METHOD_LABELS = {
@@ -22,13 +23,6 @@ METHOD_LABELS = {
     "median": "Median",
     "cclip": "CCLIP",
 }
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
 
 
 def percent(value: float) -> str:
@@ -96,6 +90,11 @@ def averages(result: Mapping) -> Dict[str, Dict[str, float]]:
     }
 
 
+def overall_averages(result: Mapping) -> Dict[str, float]:
+    """method -> mean over the merge sets of its average normalized test accuracy."""
+    return {method: sum(values.values()) / len(values) for method, values in averages(result).items()}
+
+
 def ranking(scores: Mapping[str, float]) -> List[Tuple[str, float]]:
     """Methods best first (ties keep the order of METHODS)."""
     return sorted(scores.items(), key=lambda item: -item[1])
@@ -125,17 +124,14 @@ def winner_lines(result: Mapping) -> List[str]:
     for merge_set in result["merges"]:
         ranked = ranking({method: table[method][merge_set] for method in METHODS})
         lines.append(f"- {merge_set}: {margin_sentence(ranked)}.")
-    overall = {method: sum(values.values()) / len(values) for method, values in table.items()}
-    lines.append(
-        f"- Overall (mean over the {len(result['merges'])} merge sets): {margin_sentence(ranking(overall))}."
-    )
+    overall = margin_sentence(ranking(overall_averages(result)))
+    lines.append(f"- Overall (mean over the {len(result['merges'])} merge sets): {overall}.")
     return lines
 
 
 def winner(result: Mapping) -> Tuple[str, float, str, float]:
     """(overall winner, its mean, runner-up, the runner-up's mean) of average normalized accuracy."""
-    overall = {method: sum(v.values()) / len(v) for method, v in averages(result).items()}
-    (best, top), (second, runner) = ranking(overall)[:2]
+    (best, top), (second, runner) = ranking(overall_averages(result))[:2]
     return best, top, second, runner
 
 

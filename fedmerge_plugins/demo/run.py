@@ -19,12 +19,11 @@ same items; a merge's score is the mean over the tasks it merges.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -33,6 +32,7 @@ from fedmerge_plugins.demo.build import SIZES as BUILD_SIZES
 from fedmerge_plugins.demo.build import TASK_MODELS, BuildConfig, build_models, task_splits
 from fedmerge_plugins.demo.recipes import MERGE_SETS, METHODS, recipe_values, write_recipe
 from fedmerge_plugins.grids import CCLIP_RHO_COUNT, LLM_LAMBDAS, clip_rho_grid, fedgma_rho_grid, lambda_grid
+from fedmerge_plugins.normalized import normalized_accuracy
 
 Log = Callable[[str], None]
 
@@ -121,15 +121,12 @@ def merge_in_memory(states: Mapping[str, Mapping], models: Sequence[str], method
 
 def normalized(scores: Mapping[str, float], reference: Mapping[str, float]) -> Dict[str, float]:
     """Accuracy / the task model's accuracy on the same items, per task."""
-    result = {}
-    for task, value in scores.items():
-        if reference[task] <= 0:
-            raise ValueError(
-                f"the {data.TASK_LABELS[task]} model scores 0 on its own {task} items: normalized accuracy "
-                "is undefined; build bigger models (more steps) or use more items"
-            )
-        result[task] = value / reference[task]
-    return result
+    return normalized_accuracy(
+        scores,
+        reference,
+        lambda task: f"the {data.TASK_LABELS[task]} model scores 0 on its own {task} items: normalized accuracy "
+        "is undefined; build bigger models (more steps) or use more items",
+    )
 
 
 def mean(values: Sequence[float]) -> float:
@@ -188,10 +185,6 @@ class DemoResult:
     merges: Dict[str, Dict[str, dict]] = field(default_factory=dict)
     sweep: Dict[str, Dict[str, List[dict]]] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
-
-    def save(self, path: Path) -> Path:
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
-        return path
 
 
 def settings_dict(settings: DemoSettings) -> dict:

@@ -17,6 +17,18 @@ TABLE_GROUPS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
 MISSING = "/"
 
 
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], above: Sequence[Sequence[str]] = ()) -> str:
+    """A Markdown table with padded columns; ``above`` are extra header lines over ``headers``."""
+    heads = [*above, headers]
+    widths = [max(len(str(row[index])) for row in [*heads, *rows]) for index in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(cell).ljust(width) for cell, width in zip(cells, widths)) + " |"
+
+    rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join([*(line(head) for head in heads), rule, *(line(row) for row in rows)])
+
+
 def format_table(
     rows: Sequence[Tuple[Sequence[str], Mapping[str, float]]],
     label_headers: Sequence[str] = ("Model",),
@@ -37,13 +49,7 @@ def format_table(
             raise ValueError(f"row labels {tuple(labels)} do not match headers {tuple(label_headers)}")
         cells = [f"{100 * scores[short]:.2f}" if short in scores else MISSING for short in columns]
         body.append(list(labels) + cells)
-    widths = [max(len(row[index]) for row in [group_row, header, *body]) for index in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)) + " |"
-
-    rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
-    return "\n".join([line(group_row), line(header), rule, *(line(row) for row in body)])
+    return markdown_table(header, body, above=[group_row])
 
 
 def alpaca_eval_records(samples: Sequence[Mapping[str, Any]], generator: str) -> List[Dict[str, str]]:
