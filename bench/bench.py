@@ -104,7 +104,8 @@ def ensure_checkpoints(cache_dir: Path, size: str) -> Inputs:
         write_checkpoint(inputs.base, config, base)
         progress.update()
         for i, (path, scale) in enumerate(zip(inputs.tasks, SCALES)):
-            write_checkpoint(path, config, task_tensors(base, scale, seed=1 + i))  # as synthetic.make_family
+            # the tensors of synthetic.make_family, but one task model in memory at a time (it keeps them all)
+            write_checkpoint(path, config, task_tensors(base, scale, seed=1 + i))
             progress.update()
     marker.write_text(json.dumps({"spec": spec, "parameters": count}, indent=1))
     return inputs

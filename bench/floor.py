@@ -30,7 +30,6 @@ class Checkpoint:
         if index.exists():
             files = json.loads(index.read_text())["weight_map"]
         else:
-            files = {}
             single = path / "model.safetensors"
             if not single.exists():
                 raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")

@@ -10,9 +10,10 @@ import pytest
 import torch
 from mergekit.merge_methods.api import merge_state_dicts, merge_tensors
 
+from fedmerge_plugins.methods.common import BLOCK
 from fedmerge_plugins.methods.fedgma import full_agreement_count
 from fedmerge_plugins.methods.fednova import fednova_coefficients
-from fedmerge_plugins.methods.median import CHUNK, median_of
+from fedmerge_plugins.methods.median import median_of
 from fedmerge_plugins.norms import state_dict_norms
 
 SHAPE = (7, 5)
@@ -143,12 +144,12 @@ def test_median_is_not_the_lower_median() -> None:
 @pytest.mark.parametrize("count", [3, 4])
 def test_median_beyond_quantile_limit(count: int) -> None:
     """More than 2^24 elements (torch.quantile refuses these), across chunk boundaries."""
-    size = 2**24 + CHUNK // 2
+    size = 2**24 + BLOCK // 2
     generator = torch.Generator().manual_seed(count)
     tensors = [torch.randn(size, generator=generator) for _ in range(count + 1)]
     merged = merge(tensors, "median")
     # exact check on a strided sample, including both sides of the chunk boundary
-    picks = torch.cat([torch.arange(0, size, 9973), torch.arange(CHUNK - 5, CHUNK + 5), torch.arange(size - 5, size)])
+    picks = torch.cat([torch.arange(0, size, 9973), torch.arange(BLOCK - 5, BLOCK + 5), torch.arange(size - 5, size)])
     small = [t[picks] for t in tensors]
     close(merged[picks], ref_median(small, 1.0))
 

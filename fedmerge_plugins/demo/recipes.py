@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import yaml
 
@@ -100,9 +100,3 @@ def write_recipe(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
-
-
-def recipe_models(path: Path) -> Sequence[str]:
-    """The model paths a recipe merges (base first)."""
-    recipe = yaml.safe_load(path.read_text())
-    return [recipe["base_model"], *[entry["model"] for entry in recipe["models"]]]

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -138,7 +138,6 @@ def train(
     pad_id: int,
     seed: int,
     description: str,
-    progress: Optional[Callable[[int], None]] = None,
 ) -> TrainRecord:
     """Train ``model`` in place with AdamW; returns what was done."""
     torch.manual_seed(seed)
@@ -161,8 +160,6 @@ def train(
         smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
         if step % 10 == 0:
             bar.set_postfix(loss=f"{smoothed:.3f}")
-        if progress is not None:
-            progress(1)
     bar.close()
     model.eval()
     return TrainRecord(

@@ -8,10 +8,8 @@ from typing import Any, List, Tuple
 import torch
 from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, TensorGroup
 
-from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, BLOCK, blockwise, task_vector
+from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, blockwise, task_vector
 from fedmerge_plugins.params import LAMBDA
-
-CHUNK = BLOCK  # elements per pass on the CPU: bounds scratch memory for any tensor size
 
 # (i, j, keep_min, keep_max): rows i, j become min and max of the two, as far as needed
 Comparator = Tuple[int, int, bool, bool]
