@@ -3,10 +3,13 @@ so ``fedmerge --help`` does not import torch, mergekit or lm-eval."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import click
+
+from fedmerge_plugins.errors import FedmergeError
 
 # name -> "module:attribute" of a click command or group
 COMMANDS: Dict[str, str] = {
@@ -16,6 +19,18 @@ COMMANDS: Dict[str, str] = {
     "inspect": "fedmerge_plugins.diagnostics.cli:inspect_command",
     "sweep": "fedmerge_plugins.sweep.cli:sweep_command",
 }
+
+
+@contextlib.contextmanager
+def one_line_errors(verbose: bool = False) -> Iterator[None]:
+    """Turn a ``FedmergeError`` raised inside the block into a one-line click error
+    (``verbose`` re-raises it, traceback included)."""
+    try:
+        yield
+    except FedmergeError as error:
+        if verbose:
+            raise
+        raise click.ClickException(str(error)) from None
 
 
 class LazyGroup(click.Group):
