@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from fedmerge_plugins.evaluation.loaders import check_split, local_path
+from fedmerge_plugins.evaluation.sandbox import require_isolation
 from fedmerge_plugins.evaluation.tasks import PAPER_TASKS, TASKS, get_spec, parse_task_list
 
 TASKS_DIR_ENV = "FEDMERGE_EVAL_TASKS"
@@ -97,7 +98,8 @@ def check_request(
     max_gen_toks: Optional[int] = 256,
 ) -> None:
     """Everything that can be checked before data or model are read; raises ValueError (or
-    FileNotFoundError for missing data files)."""
+    FileNotFoundError for missing data files; ``SandboxUnavailable``, a ValueError, where code
+    tasks cannot run sandboxed)."""
     check_split(split, validation_fraction)
     code_tasks = [short for short in tasks if TASKS[short].runs_code]
     if code_tasks and not allow_code_execution:
@@ -105,6 +107,8 @@ def check_request(
             f"{', '.join(code_tasks)} run model-written code; allow it explicitly "
             "(allow_code_execution=True, CLI --allow-code-execution)"
         )
+    if code_tasks:
+        require_isolation()  # one line: the sandbox in force; or refuse, naming what is missing
     if data_dir is None:
         local_only = [short for short in tasks if TASKS[short].hub is None]
         if local_only:
