@@ -8,32 +8,37 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-METHOD_NAMES = ("fednova", "fedgma", "median", "cclip")
+from fedmerge_plugins.catalogue import METHOD_NAMES  # noqa: E402  (pure data, no imports)
 
 
 def register() -> None:
     """Register the four methods in mergekit's registry; calling it again is harmless.
 
-    When importing ``fedmerge_plugins.methods`` is what brought mergekit's registry in,
-    the methods do not exist yet: that package registers them on its last line instead.
+    The method objects are imported from their own modules (``catalogue.CATALOGUE``), not
+    from ``fedmerge_plugins.methods``, so registering works while that package is still
+    being imported (its first line imports mergekit's registry, whose import hook calls
+    this). A method whose module (or a module it needs, e.g. ``params``) is itself still
+    being imported at that moment is skipped; the hooks on ``mergekit.merge`` and
+    ``mergekit.plan`` call this again, so a merge always finds all four.
     """
-    import sys
+    import importlib
 
-    methods = sys.modules.get("fedmerge_plugins.methods")
-    if methods is not None and not hasattr(methods, "METHODS"):
-        return
     from mergekit.merge_methods import registry
 
-    from fedmerge_plugins.methods import METHODS
+    from fedmerge_plugins.catalogue import CATALOGUE
 
-    from fedmerge_plugins.methods.cclip import cclip_merge
-    from fedmerge_plugins.norms import reference_norm
-
-    if cclip_merge.norm_provider is None:
-        cclip_merge.norm_provider = reference_norm
     present = {method.spec.name for method in registry.registered_methods()}
-    for method in METHODS:
-        if method.spec.name not in present:
+    for info in CATALOGUE:
+        if not info.own or info.name in present:
+            continue
+        module, attribute = info.target.split(":")
+        try:
+            method = getattr(importlib.import_module(module), attribute, None)
+        except ImportError as error:
+            if "partially initialized" not in str(error):
+                raise
+            continue
+        if method is not None:
             registry.register(method)
 
 
@@ -41,6 +46,7 @@ def install_planner_check() -> None:
     """Check fedmerge recipes, shapes included, when mergekit plans a merge."""
     from fedmerge_plugins.recipe import install_planner_check
 
+    register()
     install_planner_check()
 
 
@@ -48,4 +54,5 @@ def install_run_merge_check() -> None:
     """Check fedmerge recipes' parameters when ``run_merge`` starts, before any download."""
     from fedmerge_plugins.recipe import install_run_merge_check
 
+    register()
     install_run_merge_check()

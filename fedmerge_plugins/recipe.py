@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import click
@@ -34,7 +35,7 @@ class RecipeError(click.ClickException):
     """A recipe problem; mergekit-yaml (a click command) prints it without a traceback."""
 
 
-def _blocks(config: MergeConfiguration) -> Iterator[Block]:
+def parameter_blocks(config: MergeConfiguration) -> Iterator[Block]:
     """(where, model or None, parameters) for every parameter block of the recipe."""
     yield "top-level parameters", None, config.parameters or {}
     for model in config.models or []:
@@ -49,6 +50,50 @@ def _blocks(config: MergeConfiguration) -> Iterator[Block]:
         yield f"slices[{index}]", None, output_slice.parameters or {}
         for source in output_slice.sources:
             yield f"model {source.model}", source.model, source.parameters or {}
+
+
+def task_models(config: MergeConfiguration) -> List[ModelReference]:
+    """The models other than the base, in the order the recipe first names them."""
+    found: List[ModelReference] = []
+    for _, model, _ in parameter_blocks(config):
+        if model is not None and model != config.base_model and model not in found:
+            found.append(model)
+    return found
+
+
+def recipe_models(config: MergeConfiguration) -> Tuple[ModelReference, List[ModelReference]]:
+    """(base model, task models in recipe order) of a recipe with a ``base_model``."""
+    if config.base_model is None:
+        raise RecipeError(f"{config.merge_method}: the recipe has no `base_model:`; task vectors need one")
+    tasks = task_models(config)
+    if not tasks:
+        raise RecipeError("the recipe names no task model besides the base model")
+    return config.base_model, tasks
+
+
+def model_value(config: MergeConfiguration, model: ModelReference, key: str, default: Any = None) -> Any:
+    """A per-model value as mergekit resolves it: the model's own, else a shared default."""
+    blocks = list(parameter_blocks(config))
+    found = next((b[key] for _, m, b in blocks if m == model and key in b), None)
+    if found is None:
+        found = next((b[key] for _, m, b in blocks if m is None and key in b), default)
+    return found
+
+
+def load_recipe(path: Path, *, shapes: bool = True) -> Tuple[Dict[str, Any], MergeConfiguration]:
+    """The recipe file as YAML data and as a ``MergeConfiguration`` checked by
+    ``check_recipe`` (``shapes=False``: without opening any checkpoint)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        config = MergeConfiguration.model_validate(data)
+    except (OSError, yaml.YAMLError) as error:
+        raise RecipeError(f"{path}: cannot read the recipe: {error}") from None
+    except ValidationError as error:
+        raise RecipeError(f"{path}: not a valid mergekit recipe: {error}") from None
+    check_recipe(config, shapes=shapes)
+    return data, config
 
 
 def _leaves(setting: Any) -> Iterator[Any]:
@@ -72,11 +117,6 @@ def _check_value(method: str, where: str, parameter: ParameterSpec, setting: Any
             else:
                 reason = error.errors()[0]["msg"].removeprefix("Value error, ")
             raise RecipeError(f"{method}: {where}: `{parameter.name}` = {value!r} is invalid: {reason}") from None
-
-
-def _task_models(config: MergeConfiguration, blocks: List[Block]) -> List[ModelReference]:
-    models = {model for _, model, _ in blocks if model is not None}
-    return sorted((m for m in models if m != config.base_model), key=str)
 
 
 def _header_shapes(model: ModelReference) -> Dict[str, Tuple[int, ...]]:
@@ -128,7 +168,7 @@ def check_recipe(config: MergeConfiguration, *, shapes: bool = True) -> None:
         return
     spec = registry.get(method).spec
     parameters = {p.name: p for p in spec.parameters}
-    blocks = list(_blocks(config))
+    blocks = list(parameter_blocks(config))
     if config.base_model is None and not any(s.base_model for s in config.slices or []):
         raise RecipeError(
             f"{method}: the recipe has no `base_model:`; {method} merges task vectors "
@@ -156,12 +196,12 @@ def check_recipe(config: MergeConfiguration, *, shapes: bool = True) -> None:
             if parameter.name not in defaults:
                 raise RecipeError(f"{method}: missing required parameter `{parameter.name}`")
             continue
-        for task in _task_models(config, blocks):
+        for task in task_models(config):
             given = any(model == task and parameter.name in block for _, model, block in blocks)
             if not given and parameter.name not in defaults:
                 raise RecipeError(f"{method}: model {task}: missing required parameter `{parameter.name}`")
     if shapes:
-        check_shapes(config, _task_models(config, blocks))
+        check_shapes(config, task_models(config))
 
 
 def install_run_merge_check() -> None:

@@ -65,7 +65,15 @@ def full_run(world: World, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def records(out: Path, kind: str) -> List[Dict]:
-    return [r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines()) if r["kind"] == kind]
+    """``result`` records, or the search engine's point records seen as ``grid`` records
+    (subset, method, params, score = the validation selection score)."""
+    lines = list(map(json.loads, (out / "results.jsonl").read_text().splitlines()))
+    if kind != "grid":
+        return [r for r in lines if r["kind"] == kind]
+    return [
+        {"kind": "grid", "subset": r["group"].split("/")[0].split("+"), "method": r["method"], "params": r["parameters"], "score": r["selection"]}
+        for r in lines if r["kind"] == "point"
+    ]
 
 
 # --- independent computations ---------------------------------------------------------------
@@ -361,7 +369,7 @@ def test_resume_after_kill(world: World, full_run: Path, tmp_path: Path) -> None
     total = len(records(full_run, "grid")) + len(records(full_run, "result"))
     assert 3 <= before.count("\n") < total
     with open(log, "a") as handle:
-        handle.write('{"kind": "grid", "subset": ["mni')  # a record cut short by the kill
+        handle.write('{"kind": "point", "group": "mni')  # a record cut short by the kill
 
     result = CliRunner().invoke(clip_group, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output

@@ -12,16 +12,8 @@ import pytest
 import torch
 
 from fedmerge_plugins import grids
-from fedmerge_plugins.clip.experiment import (
-    ExperimentSpec,
-    ResultLog,
-    Training,
-    merge_in_memory,
-    merge_parameters,
-    read_training,
-    select_best,
-    subsets,
-)
+from fedmerge_plugins.clip.experiment import ExperimentSpec, Training, merge_parameters, read_training, subsets
+from fedmerge_plugins.search import ResultLog, best_index, merge_in_memory
 from fedmerge_plugins.clip.tasks import PAPER_TASKS, shipped, task_text
 
 PAPER_NORMS = [2.77, 2.71, 1.92, 2.04, 23.90, 3.03, 2.80, 3.07]  # appendix B.1.5, heterogeneous
@@ -98,9 +90,8 @@ def test_spec_rejects_bad_settings(tmp_path: Path) -> None:
 
 
 def test_select_best_takes_earliest_of_ties() -> None:
-    points = [{"lambda": 0.1}, {"lambda": 0.2}, {"lambda": 0.3}, {"lambda": 0.4}]
-    assert select_best(points, [0.5, 0.7, 0.7, 0.2]) == 1
-    assert select_best(points, [0.9, 0.7, 0.7, 0.2]) == 0
+    assert best_index([0.5, 0.7, 0.7, 0.2]) == 1
+    assert best_index([0.9, 0.7, 0.7, 0.2]) == 0
 
 
 def test_shipped_task_text() -> None:

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import click
 
-from fedmerge_plugins.clip.tasks import DEFAULT_BASE, DEFAULT_FINETUNED, PAPER_TASKS, canonical, display_name
+from fedmerge_plugins.clip.tasks import DEFAULT_BASE, PAPER_TASKS, canonical, display_name
 
 
 def _tasks(text: str) -> Tuple[str, ...]:
@@ -26,28 +26,17 @@ def _tasks(text: str) -> Tuple[str, ...]:
     return tasks
 
 
+MODEL_OPTIONS = {"models": "--model", "models_dir": "--models-dir"}
+
+
 def finetuned_sources(tasks: Sequence[str], models: Sequence[str], models_dir: Optional[Path]) -> Dict[str, str]:
-    """Fine-tuned tower per task: ``--model TASK=SRC``, else ``<models-dir>/<task>``, else the
-    hub's ``tanganke/clip-vit-base-patch32_<task>`` for the paper's tasks."""
-    explicit = {}
-    for item in models:
-        task, sep, source = item.partition("=")
-        if not sep or not source:
-            raise click.BadParameter(f"{item!r}: write TASK=PATH_OR_HUB_ID", param_hint="--model")
-        explicit[canonical(task)] = source
-    sources = {}
-    for task in tasks:
-        if task in explicit:
-            sources[task] = explicit[task]
-        elif models_dir is not None:
-            if not (models_dir / task).is_dir():
-                raise click.BadParameter(f"no folder {models_dir / task} for task {task}", param_hint="--models-dir")
-            sources[task] = str(models_dir / task)
-        elif task in DEFAULT_FINETUNED:
-            sources[task] = DEFAULT_FINETUNED[task]
-        else:
-            raise click.BadParameter(f"no fine-tuned model for task {task}: pass --model {task}=PATH", param_hint="--model")
-    return sources
+    """``sources.finetuned_sources``, its errors naming this command's options."""
+    from fedmerge_plugins.clip.sources import SourceError, finetuned_sources as find
+
+    try:
+        return find(tasks, models, models_dir)
+    except SourceError as error:
+        raise click.BadParameter(str(error), param_hint=MODEL_OPTIONS[error.field]) from None
 
 
 def _grid(text: Optional[str], default: Callable[[], list]) -> Tuple[float, ...]:

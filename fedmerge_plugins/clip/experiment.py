@@ -1,44 +1,63 @@
 """The paper's CLIP experiment (section 6, appendix B): every subset of the tasks (T ≥ 2),
 every method, a grid search selected on validation and scored on test.
 
-For each subset and method, each grid point is merged in memory with mergekit's Python
-API (``merge_state_dicts``, the same kernels ``mergekit-yaml`` runs) from task models
-loaded once, and scored on validation by the mean normalised accuracy over the subset's
-tasks; the best point (ties: the earlier one in grid order) is merged again and scored on
+For each subset and method the search engine (``fedmerge_plugins.search``) merges each
+grid point in memory with mergekit's kernel (``merge_state_dicts``, what ``mergekit-yaml``
+runs) from task models loaded once, and scores it on validation by the mean normalised
+accuracy over the subset's tasks; FedGMA's ρ values that give the same merge are merged
+once. The best point (ties: the earlier one in grid order) is merged again and scored on
 test. Grids (``fedmerge_plugins.grids``): λ for every method; FedGMA also ρ; CCLIP also
 ρ from the subset's task-vector norms. FedNova needs each task model's steps and learning
 rate (``Training``).
 
 Everything lands in ``<out>/results.jsonl``, one JSON object a line, appended and flushed
-as it is computed: ``kind: grid`` (one grid point's validation scores) and ``kind:
-result`` (a subset and method's selection and test scores). A restart reads the file and
-skips what is there; ``<out>/run.json`` records the configuration, and a restart with a
-different one is refused.
+as it is computed: ``kind: point`` (one grid point's validation scores, the search
+engine's record, ``group`` naming subset and method) and ``kind: result`` (a subset and
+method's selection and test scores). A restart reads the file and skips what is there
+(``kind: grid`` lines of older fedmerge versions are read as the points they describe);
+``<out>/run.json`` records the configuration, and a restart with a different one is refused.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from fedmerge_plugins import grids
+from fedmerge_plugins.catalogue import BASELINE, SEARCH_METHODS
 from fedmerge_plugins.clip.cache import digest, source_identity
 from fedmerge_plugins.clip.evaluate import Session, normalized
+from fedmerge_plugins.errors import FedmergeError
+from fedmerge_plugins.search import (
+    Evaluation,
+    Point,
+    ResultLog,
+    best_index,
+    mean,
+    merge_in_memory,
+    method_grid,
+    point_parameters,
+    run_search,
+)
 
-METHODS: Tuple[str, ...] = ("task_arithmetic", "fednova", "fedgma", "median", "cclip")
-BASELINE = "task_arithmetic"
+__all__ = ["BASELINE", "Experiment", "ExperimentSpec", "ResultLog", "Training", "best_index", "merge_in_memory",
+           "merge_parameters", "read_training", "subsets"]
+
+METHODS: Tuple[str, ...] = SEARCH_METHODS
 Params = Dict[str, float]
 Subset = Tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Training:
+class ExperimentError(FedmergeError, ValueError):
+    """A CLIP experiment request or run folder that cannot be used."""
+
+
+class Training(NamedTuple):
     """What FedNova needs of a task model: optimizer steps and (mean) learning rate."""
 
     steps: int
@@ -51,17 +70,17 @@ def read_training(path: Path) -> Dict[str, Training]:
 
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping `task: {{steps: N, learning_rate: x}}`")
+        raise ExperimentError(f"{path}: expected a mapping `task: {{steps: N, learning_rate: x}}`")
     result = {}
     for task, entry in raw.items():
         if not isinstance(entry, dict) or "steps" not in entry:
-            raise ValueError(f"{path}: task {task}: give `steps` (and `learning_rate`, default 1.0)")
+            raise ExperimentError(f"{path}: task {task}: give `steps` (and `learning_rate`, default 1.0)")
         unknown = set(entry) - {"steps", "learning_rate"}
         if unknown:
-            raise ValueError(f"{path}: task {task}: unknown keys {sorted(unknown)}")
+            raise ExperimentError(f"{path}: task {task}: unknown keys {sorted(unknown)}")
         steps, rate = entry["steps"], float(entry.get("learning_rate", 1.0))
         if not isinstance(steps, int) or steps <= 0 or not rate > 0:
-            raise ValueError(f"{path}: task {task}: steps must be an integer > 0 and learning_rate > 0")
+            raise ExperimentError(f"{path}: task {task}: steps must be an integer > 0 and learning_rate > 0")
         result[str(task)] = Training(steps, rate)
     return result
 
@@ -81,34 +100,33 @@ class ExperimentSpec:
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+            raise ExperimentError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
         if len(set(self.tasks)) != len(self.tasks) or len(self.tasks) < self.min_size:
-            raise ValueError(f"need at least {self.min_size} distinct tasks; got {list(self.tasks)}")
+            raise ExperimentError(f"need at least {self.min_size} distinct tasks; got {list(self.tasks)}")
         if "fednova" in self.methods:
             missing = [t for t in self.tasks if t not in (self.training or {})]
             if missing:
-                raise ValueError(
+                raise ExperimentError(
                     f"fednova needs each task model's steps and learning rate; none for {missing}: "
                     "pass a training file (e.g. configs/clip/training-tanganke.yml) or leave fednova out"
                 )
         if any(not 0 <= rho <= 1 for rho in self.fedgma_rhos):
-            raise ValueError(f"FedGMA ρ must lie in [0, 1]; got {list(self.fedgma_rhos)}")
+            raise ExperimentError(f"FedGMA ρ must lie in [0, 1]; got {list(self.fedgma_rhos)}")
 
     def subsets(self) -> List[Subset]:
         return subsets(self.tasks, self.min_size)
 
+    def points(self, method: str, subset: Subset, norms: Mapping[str, float]) -> List[Point]:
+        """The grid points of ``method`` on ``subset``, in grid order (λ outermost)."""
+        return method_grid(method, self.lambdas, self.fedgma_rhos, [norms[t] for t in subset], self.cclip_count)
+
     def grid(self, method: str, subset: Subset, norms: Mapping[str, float]) -> List[Params]:
         """The shared parameters tried for ``method`` on ``subset``, in grid order."""
-        if method == "fedgma":
-            return [{"lambda": lam, "rho": rho} for lam in self.lambdas for rho in self.fedgma_rhos]
-        if method == "cclip":
-            rhos = grids.clip_rho_grid([norms[t] for t in subset], self.cclip_count)
-            return [{"lambda": lam, "rho": rho} for lam in self.lambdas for rho in rhos]
-        return [{"lambda": lam} for lam in self.lambdas]
+        return [point.parameters for point in self.points(method, subset, norms)]
 
     def describe(self) -> Dict[str, Any]:
         data = asdict(self)
-        data["training"] = {t: asdict(v) for t, v in (self.training or {}).items() if t in self.tasks}
+        data["training"] = {t: v._asdict() for t, v in (self.training or {}).items() if t in self.tasks}
         return data
 
 
@@ -118,85 +136,45 @@ def subsets(tasks: Sequence[str], min_size: int = 2) -> List[Subset]:
     return [c for size in range(min_size, len(tasks) + 1) for c in itertools.combinations(tasks, size)]
 
 
-def merge_method(name: str):
-    from mergekit import merge_methods
-
-    from fedmerge_plugins.methods import METHODS as FEDMERGE_METHODS
-
-    own = {method.spec.name: method for method in FEDMERGE_METHODS}
-    return own.get(name) or merge_methods.get(name)
-
-
 def merge_parameters(
     method: str, point: Params, subset: Subset, norms: Mapping[str, float], training: Optional[Mapping[str, Training]]
 ) -> Dict[str, Any]:
     """The mergekit parameters of one grid point (shared values plus per-model ones)."""
-    parameters: Dict[str, Any] = dict(point)
-    if method == "task_arithmetic":
-        parameters["weight"] = {t: 1.0 for t in subset}
-    elif method == "cclip":
-        parameters["norm"] = {t: float(norms[t]) for t in subset}
-    elif method == "fednova":
-        assert training is not None
-        parameters["steps"] = {t: training[t].steps for t in subset}
-        parameters["learning_rate"] = {t: training[t].learning_rate for t in subset}
-    return parameters
+    return point_parameters(method, point, subset, norms=norms, training=training)
 
 
-def merge_in_memory(
-    base: Mapping[str, torch.Tensor],
-    models: Mapping[str, Mapping[str, torch.Tensor]],
-    method: str,
-    parameters: Mapping[str, Any],
-) -> Dict[str, torch.Tensor]:
-    """θ merged from ``base`` and ``models`` (ids = task names) by mergekit's kernel."""
-    from mergekit.merge_methods.api import merge_state_dicts
-
-    if "base" in models:
-        raise ValueError("a task may not be called `base`")
-    with torch.no_grad():
-        return merge_state_dicts({"base": base, **models}, merge_method(method), base="base", parameters=parameters)
+def group_name(subset: Sequence[str], method: str) -> str:
+    """The search's ``group`` of a subset and method in the log: ``mnist+svhn/fedgma``."""
+    return f"{'+'.join(subset)}/{method}"
 
 
-class ResultLog:
-    """Append-only JSONL of records; a line cut short by a kill is dropped on open."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.records: List[Dict[str, Any]] = []
-        if path.exists():
-            data = path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                data = data[: data.rfind(b"\n") + 1]
-                with open(path, "r+b") as handle:
-                    handle.truncate(len(data))
-            for number, line in enumerate(data.decode().splitlines(), 1):
-                if line.strip():
-                    try:
-                        self.records.append(json.loads(line))
-                    except ValueError:
-                        raise ValueError(f"{path}, line {number}: not a JSON record; the file is damaged") from None
-
-    def append(self, record: Dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        self.records.append(record)
+def upgrade(record: Dict[str, Any]) -> Dict[str, Any]:
+    """A ``kind: grid`` record of an older fedmerge as the search engine's point record."""
+    if record.get("kind") != "grid":
+        return record
+    return {
+        "kind": "point", "group": group_name(record["subset"], record["method"]), "key": json.dumps(record["params"], sort_keys=True),
+        "index": None, "method": record["method"], "parameters": record["params"], "scores": record["normalized"],
+        "selection": record["score"], "seconds": 0.0, "details": {"accuracy": record["accuracy"]},
+    }
 
 
-def point_key(subset: Iterable[str], method: str, params: Mapping[str, float]) -> Tuple:
-    return tuple(subset), method, tuple(sorted(params.items()))
+@dataclass
+class ClipPoint:
+    """One grid point's unit of work: merge the subset's towers in memory, score on ``split``."""
 
+    session: Session
+    base: Mapping[str, torch.Tensor]
+    models: Mapping[str, Mapping[str, torch.Tensor]]  # the subset's towers
+    method: str
+    per_model: Mapping[str, Any]  # norms and training of the subset's models
+    reference: Mapping[str, float]  # fine-tuned accuracy per task on ``split``
+    split: str = "validation"
 
-def select_best(points: Sequence[Params], scores: Sequence[float]) -> int:
-    """Index of the highest score; ties go to the earliest point."""
-    best = 0
-    for index, score in enumerate(scores):
-        if score > scores[best]:
-            best = index
-    return best
+    def __call__(self, point: Point) -> Evaluation:
+        parameters = point_parameters(self.method, point.parameters, list(self.models), **self.per_model)
+        accuracy = self.session.accuracy_of(merge_in_memory(self.base, self.models, self.method, parameters), list(self.models), self.split)
+        return Evaluation(normalized(accuracy, self.reference, self.split), {"accuracy": accuracy})
 
 
 @dataclass
@@ -211,9 +189,10 @@ class Experiment:
     def __post_init__(self) -> None:
         missing = [t for t in self.spec.tasks if t not in self.finetuned]
         if missing:
-            raise ValueError(f"no fine-tuned model for tasks {missing}")
+            raise ExperimentError(f"no fine-tuned model for tasks {missing}")
         self.out_dir = Path(self.out_dir)
         self.log = ResultLog(self.out_dir / "results.jsonl")
+        self.log.records[:] = [upgrade(r) for r in self.log.records]
         self.models: Dict[str, Dict[str, torch.Tensor]] = {}
         self.reference: Dict[str, Dict[str, float]] = {}
 
@@ -237,7 +216,7 @@ class Experiment:
         configuration = json.loads(json.dumps(self.configuration()))
         differing = [k for k in configuration if recorded.get(k) != configuration[k]]
         if differing:
-            raise ValueError(
+            raise ExperimentError(
                 f"{self.out_dir} holds a run with a different {', '.join(differing)}; "
                 "use another --out directory to start a new run"
             )
@@ -268,23 +247,16 @@ class Experiment:
             }
 
     # --- the search ---------------------------------------------------------------------
-    def merge(self, method: str, point: Params, subset: Subset) -> Dict[str, torch.Tensor]:
-        parameters = merge_parameters(method, point, subset, self.norms, self.spec.training)
-        return merge_in_memory(self.session.base_state, {t: self.models[t] for t in subset}, method, parameters)
-
-    def score(self, method: str, point: Params, subset: Subset, split: str) -> Dict[str, Any]:
-        accuracy = self.session.accuracy_of(self.merge(method, point, subset), subset, split)
+    def unit(self, method: str, subset: Subset, split: str) -> ClipPoint:
+        """The unit of work scoring one grid point of ``method`` on ``subset``."""
+        per_model = {"norms": self.norms, "training": self.spec.training}
         reference = {t: self.reference[t][split] for t in subset}
-        norm = normalized(accuracy, reference, split)
-        return {"accuracy": accuracy, "normalized": norm, "score": sum(norm.values()) / len(norm)}
+        return ClipPoint(self.session, self.session.base_state, {t: self.models[t] for t in subset}, method, per_model, reference, split)
 
     def run(self) -> List[Dict[str, Any]]:
         from tqdm.auto import tqdm
 
         self.prepare()
-        done_points = {
-            point_key(r["subset"], r["method"], r["params"]): r for r in self.log.records if r.get("kind") == "grid"
-        }
         done_results = {(tuple(r["subset"]), r["method"]): r for r in self.log.records if r.get("kind") == "result"}
         results = []
         work = [(s, m) for s in self.spec.subsets() for m in self.spec.methods]
@@ -294,22 +266,14 @@ class Experiment:
             if (subset, method) in done_results:
                 results.append(done_results[(subset, method)])
                 continue
-            points = self.spec.grid(method, subset, self.norms)
-            scores = []
-            for point in tqdm(points, desc=method, unit="point", leave=False, disable=not self.progress):
-                key = point_key(subset, method, point)
-                if key not in done_points:
-                    record = {"kind": "grid", "subset": list(subset), "method": method, "params": point}
-                    record.update(self.score(method, point, subset, "validation"))
-                    self.log.append(record)
-                    done_points[key] = record
-                scores.append(done_points[key]["score"])
-            best = select_best(points, scores)
-            test = self.score(method, points[best], subset, "test")
+            points = self.spec.points(method, subset, self.norms)
+            outcome = run_search(points, self.unit(method, subset, "validation"), self.log, method=method,
+                                 task_count=len(subset), group=group_name(subset, method), progress=self.progress, desc=method)
+            test = self.unit(method, subset, "test")(outcome.best_point)
             record = {
-                "kind": "result", "subset": list(subset), "method": method, "params": points[best],
-                "grid_size": len(points), "val_score": scores[best],
-                "test_accuracy": test["accuracy"], "test_normalized": test["normalized"], "score": test["score"],
+                "kind": "result", "subset": list(subset), "method": method, "params": outcome.best_point.parameters,
+                "grid_size": len(points), "val_score": outcome.best["selection"],
+                "test_accuracy": test.details["accuracy"], "test_normalized": test.scores, "score": mean(test.scores),
             }
             self.log.append(record)
             results.append(record)

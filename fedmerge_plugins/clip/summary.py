@@ -15,10 +15,11 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from fedmerge_plugins.clip.experiment import BASELINE, ResultLog
+from fedmerge_plugins.catalogue import BASELINE, LABELS
+from fedmerge_plugins.search import ResultLog
 from fedmerge_plugins.clip.tasks import display_name
 
-PRETTY = {"task_arithmetic": "Task Arithmetic", "fednova": "FedNova", "fedgma": "FedGMA", "median": "Median", "cclip": "CCLIP"}
+PRETTY = LABELS
 TABLE_ORDER = ("task_arithmetic", "median", "fednova", "fedgma", "cclip")  # the paper's tables
 UNCHANGED_TOLERANCE = 1e-9
 

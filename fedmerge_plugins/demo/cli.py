@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-SIZE_HELP = "full: the demo (4–5 minutes on 2 cores, 3 once the models are cached); small: fewer steps, a coarser grid, weaker models"
+SIZE_HELP = "full: the demo; small: fewer steps, a coarser grid, weaker models (measured times: the README's demo section)"
 
 
 @click.command("demo")

@@ -16,7 +16,9 @@ from typing import Dict, List, Mapping, Tuple
 
 import yaml
 
-METHODS = ("task_arithmetic", "fednova", "fedgma", "median", "cclip")
+from fedmerge_plugins.catalogue import SEARCH_METHODS
+
+METHODS = SEARCH_METHODS
 # merge set name -> task models, in the paper's order (Table 5)
 MERGE_SETS: Dict[str, Tuple[str, ...]] = {
     "math-code": ("math", "code"),

@@ -10,19 +10,14 @@ import json
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
+from fedmerge_plugins.catalogue import LABELS
 from fedmerge_plugins.demo.build import TASK_MODELS
 from fedmerge_plugins.demo.data import TASK_LABELS, TASKS
 from fedmerge_plugins.demo.recipes import METHODS
 from fedmerge_plugins.evaluation.report import markdown_table
 
 CHART = "normalized_accuracy.png"
-METHOD_LABELS = {
-    "task_arithmetic": "Task Arithmetic",
-    "fednova": "FedNova",
-    "fedgma": "FedGMA",
-    "median": "Median",
-    "cclip": "CCLIP",
-}
+METHOD_LABELS = LABELS
 
 
 def percent(value: float) -> str:

@@ -4,10 +4,11 @@
 2. Held-out data: ``out/data/validation/*.jsonl`` and ``out/data/test/*.jsonl``.
 3. References: base and task models on the test items; task models on the validation
    items of their own task (the denominators of normalized accuracy).
-4. For each merge set (the paper's four) and method (five), every candidate of the search
-   grid is merged in memory with mergekit's ``merge_state_dicts`` (the registered method,
-   the kernel ``mergekit-yaml`` runs) and scored on the validation items; the best average
-   normalized accuracy wins (ties: the first candidate in grid order).
+4. For each merge set (the paper's four) and method (five), the search engine
+   (``fedmerge_plugins.search``, as ``fedmerge sweep`` and the CLIP experiment) merges each
+   distinct point of the grid in memory with mergekit's ``merge_state_dicts`` (the kernel
+   ``mergekit-yaml`` runs; FedGMA's ρ values with the same merge once) and scores it on the
+   validation items; the best average normalized accuracy wins (ties: the earlier point).
 5. The chosen values fill ``configs/demo/<set>/<method>.yml``; the recipe is merged by
    mergekit (``run_merge`` in this process, one recipe by a ``mergekit-yaml`` subprocess),
    checked against the in-memory merge, and scored on the test items.
@@ -27,12 +28,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from fedmerge_plugins import search
 from fedmerge_plugins.demo import data
 from fedmerge_plugins.demo.build import SIZES as BUILD_SIZES
 from fedmerge_plugins.demo.build import TASK_MODELS, BuildConfig, build_models, task_splits
 from fedmerge_plugins.demo.recipes import MERGE_SETS, METHODS, recipe_values, write_recipe
-from fedmerge_plugins.grids import CCLIP_RHO_COUNT, LLM_LAMBDAS, clip_rho_grid, fedgma_rho_grid, lambda_grid
+from fedmerge_plugins.grids import CCLIP_RHO_COUNT, LLM_LAMBDAS, fedgma_rho_grid, lambda_grid
 from fedmerge_plugins.normalized import normalized_accuracy
+from fedmerge_plugins.search import Evaluation, Point, method_grid
 
 Log = Callable[[str], None]
 
@@ -58,7 +61,7 @@ SIZES: Dict[str, DemoSettings] = {
 
 @dataclass(frozen=True)
 class Candidate:
-    """One point of a method's search grid; ``same_as`` lists grid values giving the same merge."""
+    """One merge of a method's search grid; ``same_as`` lists the other ρ giving the same merge."""
 
     method: str
     parameters: Tuple[Tuple[str, float], ...]
@@ -69,54 +72,35 @@ class Candidate:
         return dict(self.parameters)
 
 
+def grid_points(method: str, models: Sequence[str], norms: Mapping[str, float], settings: DemoSettings) -> List[Point]:
+    """The search grid of ``method`` for a merge of ``models`` (paper, appendices B.1 and C.1)."""
+    model_norms = [norms[m] for m in models] if method == "cclip" else []
+    return method_grid(method, settings.lambdas, settings.fedgma_rhos, model_norms, settings.cclip_count)
+
+
 def candidates(method: str, models: Sequence[str], norms: Mapping[str, float], settings: DemoSettings) -> List[Candidate]:
-    """The search grid of ``method`` for a merge of ``models`` (paper, appendices B.1 and C.1).
-
-    FedGMA's A takes only the values k/T, so ρ matters only through the smallest k with
-    k/T ≥ ρ (the kernel's ``full_agreement_count``): grid values with the same k give the
-    same merge and are evaluated once, under the first of them.
-    """
-    from fedmerge_plugins.methods.fedgma import full_agreement_count
-
-    lambdas = settings.lambdas
-    if method == "fedgma":
-        classes: Dict[int, List[float]] = {}
-        for rho in settings.fedgma_rhos:
-            classes.setdefault(full_agreement_count(rho, len(models)), []).append(rho)
-        return [
-            Candidate(method, (("rho", rhos[0]), ("lambda", lam)), tuple(rhos[1:]))
-            for rhos in classes.values()
-            for lam in lambdas
-        ]
-    if method == "cclip":
-        rhos = clip_rho_grid([norms[m] for m in models], settings.cclip_count)
-        return [Candidate(method, (("rho", rho), ("lambda", lam))) for rho in rhos for lam in lambdas]
-    return [Candidate(method, (("lambda", lam),)) for lam in lambdas]
+    """The distinct merges of the grid (``search.merge_groups``): FedGMA's ρ values with the
+    same ``full_agreement_count`` are one merge, listed under the first of them."""
+    groups = search.merge_groups(method, grid_points(method, models, norms, settings), len(models))
+    return [
+        Candidate(method, tuple(same[0].parameters.items()), tuple(p.parameters["rho"] for p in same[1:])) for same in groups
+    ]
 
 
 def merge_parameters(method: str, models: Sequence[str], values: Mapping[str, float], manifest: Mapping) -> Dict:
     """Python-API parameters: the chosen values plus what the recipe states per model."""
     entries = manifest["models"]
-    parameters: Dict[str, object] = dict(values)
-    if method == "task_arithmetic":
-        parameters["weight"] = {m: 1.0 for m in models}
-    elif method == "fednova":
-        parameters["steps"] = {m: int(entries[m]["training"]["steps"]) for m in models}
-        parameters["learning_rate"] = {m: float(entries[m]["training"]["learning_rate"]) for m in models}
-    elif method == "cclip":
-        parameters["norm"] = {m: float(entries[m]["task_vector_norm"]) for m in models}
-    return parameters
+    return search.point_parameters(
+        method,
+        values,
+        models,
+        norms={m: float(entries[m]["task_vector_norm"]) for m in models},
+        training={m: (int(entries[m]["training"]["steps"]), float(entries[m]["training"]["learning_rate"])) for m in models},
+    )
 
 
 def merge_in_memory(states: Mapping[str, Mapping], models: Sequence[str], method: str, values, manifest) -> Dict:
-    import torch
-    from mergekit.merge_methods.api import merge_state_dicts
-
-    inputs = {"base": states["base"], **{m: states[m] for m in models}}
-    with torch.no_grad():
-        return merge_state_dicts(
-            inputs, method, base="base", parameters=merge_parameters(method, models, values, manifest)
-        )
+    return search.merge_in_memory(states["base"], {m: states[m] for m in models}, method, merge_parameters(method, models, values, manifest))
 
 
 def normalized(scores: Mapping[str, float], reference: Mapping[str, float]) -> Dict[str, float]:
@@ -127,10 +111,6 @@ def normalized(scores: Mapping[str, float], reference: Mapping[str, float]) -> D
         lambda task: f"the {data.TASK_LABELS[task]} model scores 0 on its own {task} items: normalized accuracy "
         "is undefined; build bigger models (more steps) or use more items",
     )
-
-
-def mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def load_states(models_dir: Path) -> Dict[str, Dict]:
@@ -193,6 +173,118 @@ def settings_dict(settings: DemoSettings) -> dict:
     return {k: v for k, v in result.items() if v is not None}
 
 
+@dataclass
+class DemoPoint:
+    """One grid point's unit of work: merge in memory, score on the validation items."""
+
+    states: Mapping[str, Mapping]
+    models: Sequence[str]
+    method: str
+    manifest: Mapping
+    scorer: object  # evaluate.StateScorer
+    data_dir: Path
+    reference: Mapping[str, float]  # task models' validation accuracy
+
+    def __call__(self, point: Point) -> Evaluation:
+        merged = merge_in_memory(self.states, self.models, self.method, point.parameters, self.manifest)
+        tasks = tuple(TASK_MODELS[m] for m in self.models)
+        scores = self.scorer.score(merged, self.data_dir, tasks)  # type: ignore[attr-defined]
+        return Evaluation(normalized(scores, self.reference), {"accuracy": scores})
+
+
+def evaluate_references(scorer, models_dir: Path, validation_dir: Path, test_dir: Path, out: Path) -> Tuple[Dict[str, Dict[str, float]], Dict[str, float]]:
+    """Test accuracy of the base and task models; each task model's on its own validation items."""
+    from tqdm.auto import tqdm
+
+    references: Dict[str, Dict[str, float]] = {}
+    validation_references: Dict[str, float] = {}
+    names = ["base", *TASK_MODELS]
+    with tqdm(total=len(names) + len(TASK_MODELS), desc="evaluate base and task models", unit="eval") as bar:
+        for name in names:
+            references[name] = scorer.score_directory(models_dir / name, test_dir, data.TASKS, out / "evals" / name)
+            bar.update()
+        for name, task in TASK_MODELS.items():
+            validation_references[task] = scorer.score_directory(models_dir / name, validation_dir, (task,))[task]
+            bar.update()
+    return references, validation_references
+
+
+def validation_search(result: DemoResult, states, state_scorer, validation_dir: Path, settings: DemoSettings) -> Dict[Tuple[str, str], dict]:
+    """The search engine on every (merge set, method); fills ``result.sweep`` with one row per
+    distinct merge and returns the winning row of each."""
+    from tqdm.auto import tqdm
+
+    manifest = result.manifest
+    norms = {name: float(manifest["models"][name]["task_vector_norm"]) for name in TASK_MODELS}
+    chosen: Dict[Tuple[str, str], dict] = {}
+    work = [(merge_set, method) for merge_set in MERGE_SETS for method in METHODS]
+    for merge_set, method in tqdm(work, desc="validation search (merge in memory, score)", unit="search"):
+        models = MERGE_SETS[merge_set]
+        points = grid_points(method, models, norms, settings)
+        unit = DemoPoint(states, models, method, manifest, state_scorer, validation_dir, result.validation_references)
+        outcome = search.run_search(points, unit, search.ResultLog(None), method=method, task_count=len(models), desc=f"{merge_set} {method}")
+        rows = [
+            {
+                "parameters": record["parameters"],
+                "same_as": [p.parameters["rho"] for p in same[1:]],
+                "scores": record["details"]["accuracy"],
+                "normalized": record["scores"],
+                "average": record["selection"],
+            }
+            for same in search.merge_groups(method, points, len(models))
+            for record in [outcome.records[same[0].key]]
+        ]
+        result.sweep.setdefault(merge_set, {})[method] = rows
+        chosen[(merge_set, method)] = next(row for row in rows if row["parameters"] == outcome.best["parameters"])
+    return chosen
+
+
+def merge_and_test(result: DemoResult, chosen: Mapping[Tuple[str, str], dict], states, scorer, test_dir: Path, settings: DemoSettings) -> None:
+    """Fill each winner into its recipe, merge it with mergekit, score it on the test items."""
+    from tqdm.auto import tqdm
+
+    from fedmerge_plugins.demo.evaluate import quiet
+
+    out, manifest = Path(result.out), result.manifest
+    models_dir = out / "models"
+    test_references = {task: result.references[name][task] for name, task in TASK_MODELS.items()}
+    with tqdm(total=len(chosen), desc="merge with mergekit, score on test", unit="merge") as bar:
+        for (merge_set, method), best in chosen.items():
+            models = MERGE_SETS[merge_set]
+            tasks = tuple(TASK_MODELS[m] for m in models)
+            bar.set_postfix_str(f"{merge_set} {method}")
+            picked = ", ".join(f"{k} = {v:.6g}" for k, v in best["parameters"].items())
+            header = (
+                f"# Written by `fedmerge demo` from configs/demo/{merge_set}/{method}.yml.\n"
+                f"# {picked}: the best average normalized accuracy on the validation items "
+                f"({best['average']:.3f}) among {len(result.sweep[merge_set][method])} candidates.\n"
+            )
+            recipe = write_recipe(out / "recipes", merge_set, method, recipe_values(models_dir, manifest, best["parameters"]), header=header)
+            merged_dir = out / "merges" / merge_set / method
+            if (merge_set, method) == settings.subprocess_recipe:
+                mergekit_yaml(recipe, merged_dir)
+                merged_with = "mergekit-yaml (subprocess)"
+            else:
+                with quiet():
+                    run_merge_in_process(recipe, merged_dir)
+                merged_with = "mergekit run_merge (in process)"
+            expected = merge_in_memory(states, models, method, best["parameters"], manifest)
+            scores = scorer.score_directory(merged_dir, test_dir, tasks, out / "evals" / f"{merge_set}-{method}")
+            norm = normalized(scores, test_references)
+            result.merges.setdefault(merge_set, {})[method] = {
+                "parameters": best["parameters"],
+                "validation_average": best["average"],
+                "recipe": str(recipe),
+                "merged_dir": str(merged_dir),
+                "merged_with": merged_with,
+                "max_abs_difference_to_sweep_merge": max_difference(expected, merged_dir),
+                "test": scores,
+                "normalized": norm,
+                "average": search.mean(norm),
+            }
+            bar.update()
+
+
 def run_demo(
     out: Path,
     size: str = "full",
@@ -203,9 +295,7 @@ def run_demo(
     log: Log = print,
 ) -> DemoResult:
     """Run the whole demo into ``out`` and return its results (also written to ``out``)."""
-    from tqdm.auto import tqdm
-
-    from fedmerge_plugins.demo.evaluate import Scorer, StateScorer, quiet
+    from fedmerge_plugins.demo.evaluate import Scorer, StateScorer
     from fedmerge_plugins.demo.report import write_report
 
     settings = settings or SIZES[size]
@@ -229,104 +319,16 @@ def run_demo(
     validation_dir = data.write_eval_data(out / "data" / "validation", splits, "validation")
     test_dir = data.write_eval_data(out / "data" / "test", splits, "test")
     scorer = Scorer(batch_size=settings.batch_size, max_gen_toks=settings.max_gen_toks, device=device)
-
-    references: Dict[str, Dict[str, float]] = {}
-    validation_references: Dict[str, float] = {}
-    names = ["base", *TASK_MODELS]
-    with tqdm(total=len(names) + len(TASK_MODELS), desc="evaluate base and task models", unit="eval") as bar:
-        for name in names:
-            references[name] = scorer.score_directory(models_dir / name, test_dir, data.TASKS, out / "evals" / name)
-            bar.update()
-        for name, task in TASK_MODELS.items():
-            validation_references[task] = scorer.score_directory(models_dir / name, validation_dir, (task,))[task]
-            bar.update()
-    result = DemoResult(
-        out=str(out),
-        size=size,
-        settings=settings_dict(settings),
-        manifest=manifest,
-        references=references,
-        validation_references=validation_references,
-    )
+    references, validation_references = evaluate_references(scorer, models_dir, validation_dir, test_dir, out)
+    result = DemoResult(str(out), size, settings_dict(settings), manifest, references, validation_references)
     test_references = {task: references[name][task] for name, task in TASK_MODELS.items()}
     normalized(test_references, test_references)  # a task model scoring 0 stops the demo here
     lap("evaluate references")
 
     states = load_states(models_dir)
-    norms = {name: float(manifest["models"][name]["task_vector_norm"]) for name in TASK_MODELS}
-    state_scorer = StateScorer(scorer, models_dir / "base")
-    grid = {
-        (merge_set, method): candidates(method, models, norms, settings)
-        for merge_set, models in MERGE_SETS.items()
-        for method in METHODS
-    }
-    chosen: Dict[Tuple[str, str], dict] = {}
-    with tqdm(total=sum(map(len, grid.values())), desc="validation search (merge in memory, score)", unit="merge") as bar:
-        for (merge_set, method), points in grid.items():
-            models = MERGE_SETS[merge_set]
-            tasks = tuple(TASK_MODELS[m] for m in models)
-            rows = []
-            for candidate in points:
-                bar.set_postfix_str(f"{merge_set} {method}")
-                merged = merge_in_memory(states, models, method, candidate.values, manifest)
-                scores = state_scorer.score(merged, validation_dir, tasks)
-                norm = normalized(scores, validation_references)
-                rows.append(
-                    {
-                        "parameters": candidate.values,
-                        "same_as": list(candidate.same_as),
-                        "scores": scores,
-                        "normalized": norm,
-                        "average": mean(list(norm.values())),
-                    }
-                )
-                bar.update()
-            result.sweep.setdefault(merge_set, {})[method] = rows
-            chosen[(merge_set, method)] = max(rows, key=lambda row: row["average"])  # first best
+    chosen = validation_search(result, states, StateScorer(scorer, models_dir / "base"), validation_dir, settings)
     lap("validation search")
-
-    recipes_dir = out / "recipes"
-    with tqdm(total=len(chosen), desc="merge with mergekit, score on test", unit="merge") as bar:
-        for (merge_set, method), best in chosen.items():
-            models = MERGE_SETS[merge_set]
-            tasks = tuple(TASK_MODELS[m] for m in models)
-            bar.set_postfix_str(f"{merge_set} {method}")
-            picked = ", ".join(f"{k} = {v:.6g}" for k, v in best["parameters"].items())
-            header = (
-                f"# Written by `fedmerge demo` from configs/demo/{merge_set}/{method}.yml.\n"
-                f"# {picked}: the best average normalized accuracy on the validation items "
-                f"({best['average']:.3f}) among {len(result.sweep[merge_set][method])} candidates.\n"
-            )
-            recipe = write_recipe(
-                recipes_dir,
-                merge_set,
-                method,
-                recipe_values(models_dir, manifest, best["parameters"]),
-                header=header,
-            )
-            merged_dir = out / "merges" / merge_set / method
-            if (merge_set, method) == settings.subprocess_recipe:
-                mergekit_yaml(recipe, merged_dir)
-                merged_with = "mergekit-yaml (subprocess)"
-            else:
-                with quiet():
-                    run_merge_in_process(recipe, merged_dir)
-                merged_with = "mergekit run_merge (in process)"
-            expected = merge_in_memory(states, models, method, best["parameters"], manifest)
-            scores = scorer.score_directory(merged_dir, test_dir, tasks, out / "evals" / f"{merge_set}-{method}")
-            norm = normalized(scores, test_references)
-            result.merges.setdefault(merge_set, {})[method] = {
-                "parameters": best["parameters"],
-                "validation_average": best["average"],
-                "recipe": str(recipe),
-                "merged_dir": str(merged_dir),
-                "merged_with": merged_with,
-                "max_abs_difference_to_sweep_merge": max_difference(expected, merged_dir),
-                "test": scores,
-                "normalized": norm,
-                "average": mean(list(norm.values())),
-            }
-            bar.update()
+    merge_and_test(result, chosen, states, scorer, test_dir, settings)
     lap("merge and test")
     timings["total"] = round(time.perf_counter() - started, 1)
     result.timings = timings

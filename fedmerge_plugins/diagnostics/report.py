@@ -48,48 +48,11 @@ class InspectReport:
     fednova: Optional[FedNovaTraining]
 
 
-def load_recipe(path: Path) -> Tuple[Dict[str, Any], Any]:
-    """The recipe as YAML data and as a checked ``MergeConfiguration``."""
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from pydantic import ValidationError
-
-    from fedmerge_plugins.recipe import RecipeError, check_recipe
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        config = MergeConfiguration.model_validate(data)
-    except (OSError, yaml.YAMLError) as error:
-        raise RecipeError(f"{path}: cannot read the recipe: {error}") from None
-    except ValidationError as error:
-        raise RecipeError(f"{path}: not a valid mergekit recipe: {error}") from None
-    check_recipe(config)
-    return data, config
-
-
-def recipe_models(config: Any) -> Tuple[Any, List[Any]]:
-    """(base model, task models in recipe order) of a recipe with a ``base_model``."""
-    from fedmerge_plugins.recipe import RecipeError, _blocks
-
-    if config.base_model is None:
-        raise RecipeError(f"{config.merge_method}: the recipe has no `base_model:`; task vectors need one")
-    tasks: List[Any] = []
-    for _, model, _ in _blocks(config):
-        if model is not None and model != config.base_model and model not in tasks:
-            tasks.append(model)
-    if not tasks:
-        raise RecipeError("the recipe names no task model besides the base model")
-    return config.base_model, tasks
-
-
 def _parameter(config: Any, model: Any, key: str, default: Any) -> Any:
     """A per-model value as mergekit resolves it: the model's own, else a shared default."""
-    from fedmerge_plugins.recipe import RecipeError, _blocks
+    from fedmerge_plugins.recipe import RecipeError, model_value
 
-    blocks = list(_blocks(config))
-    found = next((b[key] for _, m, b in blocks if m == model and key in b), None)
-    if found is None:
-        found = next((b[key] for _, m, b in blocks if m is None and key in b), default)
+    found = model_value(config, model, key, default)
     if not isinstance(found, (int, float)) or isinstance(found, bool):
         raise RecipeError(f"fednova: model {model}: inspect needs a plain number for `{key}`, got {found!r}")
     return found
@@ -112,6 +75,7 @@ def short_labels(models: Sequence[Any]) -> List[str]:
 
 def build_report(recipe: Path, device: str = "cpu") -> InspectReport:
     from fedmerge_plugins.grids import clip_rho_grid, fedgma_rho_grid
+    from fedmerge_plugins.recipe import load_recipe, recipe_models
 
     _, config = load_recipe(recipe)
     base, models = recipe_models(config)

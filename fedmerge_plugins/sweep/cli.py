@@ -45,6 +45,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
 @click.option("--max-memory", callback=_size, default=None, metavar="SIZE", help="Memory the sweep may plan with (e.g. 24GB); default: what is available.")
 @click.option("--device", default="cpu", show_default=True, help="Device for merging and evaluation (a winner merged on cuda is reproduced by mergekit-yaml --cuda).")
 @click.option("--keep-merges", is_flag=True, help="Keep every point's merged model in OUT/merges/.")
+@click.option("-v", "--verbose", is_flag=True, help="Show the traceback of an error.")
 def sweep_command(
     recipe: Path,
     lambdas: Optional[str],
@@ -66,6 +67,7 @@ def sweep_command(
     max_memory: Optional[int],
     device: str,
     keep_merges: bool,
+    verbose: bool,
 ) -> None:
     """Merge RECIPE at every grid point, score each merge, keep the best.
 
@@ -73,6 +75,8 @@ def sweep_command(
     again to resume. The winner is written as OUT/winner.yml, a recipe mergekit-yaml
     merges to the very same weights.
     """
+    from fedmerge_plugins.cli import one_line_errors
+    from fedmerge_plugins.clip.sources import SourceError
     from fedmerge_plugins.sweep.evaluators import load_reference, make_evaluator
     from fedmerge_plugins.sweep.run import run_sweep
 
@@ -85,16 +89,21 @@ def sweep_command(
         options = dict(data_dir=data_dir, base=clip_base, finetuned=finetuned, models_dir=models_dir, split=split, device=device)
     if batch_size is not None and options:
         options["batch_size"] = batch_size
-    evaluator = make_evaluator(eval_spec, tasks=task_list, **options)
-    run_sweep(
-        recipe,
-        out,
-        evaluator,
-        lambdas=lambdas,
-        rhos=rhos,
-        reference=load_reference(reference_scores),
-        mode=mode,
-        max_memory=max_memory,
-        device=device,
-        keep_merges=keep_merges,
-    )
+    with one_line_errors(verbose):
+        try:
+            evaluator = make_evaluator(eval_spec, tasks=task_list, **options)
+        except SourceError as error:
+            hint = "--models-dir" if error.field == "models_dir" else "--finetuned"
+            raise click.BadParameter(str(error), param_hint=hint) from None
+        run_sweep(
+            recipe,
+            out,
+            evaluator,
+            lambdas=lambdas,
+            rhos=rhos,
+            reference=load_reference(reference_scores),
+            mode=mode,
+            max_memory=max_memory,
+            device=device,
+            keep_merges=keep_merges,
+        )

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence
 
-import click
+from fedmerge_plugins.sweep.errors import SweepError
 
 Scores = Dict[str, float]
 
@@ -36,11 +36,11 @@ def _as_scores(value: Any, source: str) -> Scores:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = {"score": value}
     if not isinstance(value, Mapping) or not value:
-        raise click.ClickException(f"{source} returned {value!r}; expected a number or a dict of numbers")
+        raise SweepError(f"{source} returned {value!r}; expected a number or a dict of numbers")
     scores = {}
     for name, score in value.items():
         if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
-            raise click.ClickException(f"{source}: score {name!r} is {score!r}, not a finite number")
+            raise SweepError(f"{source}: score {name!r} is {score!r}, not a finite number")
         scores[str(name)] = float(score)
     return scores
 
@@ -52,7 +52,7 @@ class PythonEvaluator:
         self.description = spec
         target, _, name = spec.removeprefix("python:").rpartition(":")
         if not target or not name:
-            raise click.BadParameter(f"{spec!r}: expected python:MODULE:FUNCTION or python:FILE.py:FUNCTION", param_hint="--eval")
+            raise SweepError(f"--eval {spec!r}: expected python:MODULE:FUNCTION or python:FILE.py:FUNCTION")
         self.function = self._load(target, name, spec)
 
     @staticmethod
@@ -68,9 +68,9 @@ class PythonEvaluator:
                 module = importlib.import_module(target)
             function = getattr(module, name)
         except (ImportError, AttributeError, OSError) as error:
-            raise click.BadParameter(f"{spec!r}: {error}", param_hint="--eval") from None
+            raise SweepError(f"--eval {spec!r}: {error}") from None
         if not callable(function):
-            raise click.BadParameter(f"{spec!r}: {name} is not callable", param_hint="--eval")
+            raise SweepError(f"--eval {spec!r}: {name} is not callable")
         return function
 
     def evaluate(self, model_dir: Path) -> Scores:
@@ -92,7 +92,7 @@ class LmEvalEvaluator:
             check_request(self.tasks, **checked)
         except (ValueError, FileNotFoundError) as error:
             hint = " (pass --validation-fraction, or --split test)" if "validation fraction" in str(error) else ""
-            raise click.UsageError(f"--eval lm-eval: {error}{hint}") from None
+            raise SweepError(f"--eval lm-eval: {error}{hint}") from None
         shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(options.items()) if k != "device"}
         self.description = f"lm-eval tasks={','.join(self.tasks)} {json.dumps(shown, sort_keys=True)}"
 
@@ -118,13 +118,13 @@ class ClipEvaluator:
         device: str = "cpu",
         batch_size: int = 128,
     ) -> None:
-        from fedmerge_plugins.clip.cli import finetuned_sources
+        from fedmerge_plugins.clip.sources import finetuned_sources
         from fedmerge_plugins.clip.tasks import DEFAULT_BASE, canonical
 
         if data_dir is None:
-            raise click.BadParameter("--eval clip needs --data-dir (one dataset folder per task)", param_hint="--data-dir")
+            raise SweepError("--eval clip needs --data-dir (one dataset folder per task)")
         if not tasks:
-            raise click.BadParameter("--eval clip needs --tasks (e.g. svhn,mnist)", param_hint="--tasks")
+            raise SweepError("--eval clip needs --tasks (e.g. svhn,mnist)")
         self.tasks = tuple(canonical(t) for t in tasks)
         self.finetuned = finetuned_sources(self.tasks, finetuned, models_dir)
         self.split, self.base = split, base or DEFAULT_BASE
@@ -143,7 +143,7 @@ class ClipEvaluator:
         try:
             result = evaluate_tower(self._session, str(model_dir), self.tasks, self.finetuned, self.split)
         except ValueError as error:
-            raise click.ClickException(f"CLIP evaluation of {model_dir}: {error}") from None
+            raise SweepError(f"CLIP evaluation of {model_dir}: {error}") from None
         return _as_scores({task: row["normalized_accuracy"] for task, row in result.items()}, "clip")
 
 
@@ -152,24 +152,27 @@ def make_evaluator(spec: str, *, tasks: Sequence[str] = (), **options: Any) -> E
         return PythonEvaluator(spec)
     if spec == "lm-eval":
         if not tasks:
-            raise click.BadParameter("--eval lm-eval needs --tasks (e.g. gsm8k,mbpp)", param_hint="--tasks")
+            raise SweepError("--eval lm-eval needs --tasks (e.g. gsm8k,mbpp)")
         return LmEvalEvaluator(tasks, **options)
     if spec == "clip":
         return ClipEvaluator(tasks, **options)
-    raise click.BadParameter(f"{spec!r}: use lm-eval, clip or python:MODULE:FUNCTION", param_hint="--eval")
+    raise SweepError(f"--eval {spec!r}: use lm-eval, clip or python:MODULE:FUNCTION")
 
 
 def load_reference(path: Optional[Path]) -> Optional[Scores]:
     """Reference scores from JSON: ``{name: score}`` or ``{"scores": {name: score}}``."""
     if path is None:
         return None
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise SweepError(f"--reference-scores {path}: cannot read it: {error}") from None
     if isinstance(data, Mapping) and isinstance(data.get("scores"), Mapping):
         data = data["scores"]
     scores = _as_scores(data, str(path))
     zero = [name for name, score in scores.items() if score == 0]
     if zero:
-        raise click.BadParameter(f"{path}: reference score of {', '.join(zero)} is 0", param_hint="--reference-scores")
+        raise SweepError(f"--reference-scores {path}: reference score of {', '.join(zero)} is 0")
     return scores
 
 
@@ -179,5 +182,5 @@ def selection_score(scores: Scores, reference: Optional[Scores] = None) -> float
         return sum(scores.values()) / len(scores)
     missing = [name for name in reference if name not in scores]
     if missing:
-        raise click.ClickException(f"the evaluator gave no score for {', '.join(missing)} (named in the reference scores)")
+        raise SweepError(f"the evaluator gave no score for {', '.join(missing)} (named in the reference scores)")
     return sum(scores[name] / reference[name] for name in reference) / len(reference)

@@ -1,23 +1,27 @@
-"""The sweep: grid -> merge each point -> score -> results file -> winning recipe.
+"""The sweep: a recipe's grid, searched by ``fedmerge_plugins.search`` with each point
+merged by mergekit's ``run_merge`` and scored by an evaluator; the winning recipe.
 
-Everything that can be wrong with the request (grid values, recipe, evaluator options)
-is checked before a checkpoint is read or an output written.
+``plan_sweep`` checks everything that can be wrong with the request (grid values, recipe,
+evaluator options) and ``open_log`` checks ``--out`` against its results file, all before
+a checkpoint is opened or an output written; then every grid point's recipe is checked,
+tensor shapes included.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import click
 
+from fedmerge_plugins.search import Evaluation, Point, ResultLog, SearchOutcome, expand, recipe_yaml, run_search, winner_recipe
+from fedmerge_plugins.sweep.errors import SweepError
 from fedmerge_plugins.sweep.evaluators import Evaluator, selection_score
-from fedmerge_plugins.sweep.grid import GridPoint, check_sweepable, expand, parse_values, point_config, point_recipe, recipe_yaml
-from fedmerge_plugins.sweep.results import ResultLog, fingerprint, results_table, winner
+from fedmerge_plugins.sweep.grid import check_sweepable, parse_values, point_config
+from fedmerge_plugins.sweep.results import fingerprint, results_table
 
 RESULTS = "results.jsonl"
 WINNER = "winner.yml"
@@ -26,12 +30,65 @@ MODES = ("auto", "memory", "disk")
 
 @dataclass
 class SweepOutcome:
-    points: List[GridPoint]
+    points: List[Point]
     records: Dict[str, dict]  # by point key
     best: dict  # the winning record
     winner_recipe: Path
     mode: str  # "memory" or "disk"
     norms: Optional[List[float]]  # CCLIP's task-vector norms, when the method is cclip
+    merges: int = 0  # merges this run made (FedGMA's equivalent ρ share one)
+
+
+@dataclass
+class SweepPlan:
+    """A checked request: the recipe, what is swept, the grid axes (CCLIP's paper ρ grid
+    waits for the norms)."""
+
+    data: Dict[str, Any]
+    config: Any
+    swept: List[str]
+    axes: Dict[str, Optional[List[float]]]
+    paper_clip: bool
+
+    @property
+    def method(self) -> str:
+        return self.config.merge_method
+
+    def points(self, norms: Optional[List[float]] = None) -> List[Point]:
+        from fedmerge_plugins.grids import clip_rho_grid
+
+        axes = dict(self.axes)
+        if self.paper_clip and norms is not None:
+            axes["rho"] = list(clip_rho_grid(norms))
+        return expand(axes)
+
+
+def plan_sweep(recipe: Path, lambdas: Optional[str], rhos: Optional[str]) -> SweepPlan:
+    """The request checked from the recipe text alone (no checkpoint is opened)."""
+    from fedmerge_plugins.grids import fedgma_rho_grid
+    from fedmerge_plugins.recipe import load_recipe
+
+    data, config = load_recipe(recipe, shapes=False)  # shapes: per point, once --out is checked
+    method = config.merge_method
+    swept = [name for name, text in (("lambda", lambdas), ("rho", rhos)) if text is not None]
+    if not swept:
+        raise SweepError("nothing to sweep: give --lambda and/or --rho")
+    check_sweepable(config, swept)
+    if rhos == "paper" and method not in ("cclip", "fedgma"):
+        raise SweepError(f"--rho paper: the paper's ρ grid is defined for cclip and fedgma, not {method}")
+    paper_clip = rhos == "paper" and method == "cclip"  # ρ from the norms, known later
+    axes: Dict[str, Optional[List[float]]] = {"lambda": parse_values(lambdas, "--lambda") if lambdas else None}
+    if rhos == "paper":
+        axes["rho"] = [1.0] if paper_clip else fedgma_rho_grid()  # 1.0: a stand-in for the checks
+    elif rhos:
+        axes["rho"] = parse_values(rhos, "--rho")
+    return SweepPlan(data, config, swept, axes, paper_clip)
+
+
+def open_log(out: Path, plan: SweepPlan, evaluator: Evaluator, reference: Optional[Dict[str, float]]) -> ResultLog:
+    """``out/results.jsonl``, refused if another recipe or evaluator wrote it."""
+    return ResultLog(Path(out) / RESULTS, fingerprint(plan.data, plan.swept, evaluator.description, reference),
+                     hint="use another --out directory or delete the file")
 
 
 def _cached_norms(base, tasks) -> Optional[List[float]]:
@@ -64,6 +121,27 @@ def choose_mode(mode: str, models: List, max_memory: Optional[int], echo: Callab
     return "disk"
 
 
+@dataclass
+class SweepPoint:
+    """One grid point's unit of work: merge its recipe with ``run_merge`` (reading the
+    inputs mergekit's loader cache holds) into ``out/merges/point-NNNN``, score it."""
+
+    data: Dict[str, Any]
+    out: Path
+    options: Any  # mergekit MergeOptions
+    evaluator: Evaluator
+    keep_merges: bool = False
+
+    def __call__(self, point: Point) -> Evaluation:
+        from fedmerge_plugins.sweep.merger import merge_point
+
+        merged = merge_point(point_config(self.data, point), Path(self.out) / "merges" / f"point-{point.index:04d}", self.options)
+        scores = self.evaluator.evaluate(merged)
+        if not self.keep_merges:
+            shutil.rmtree(merged)
+        return Evaluation(scores)
+
+
 def run_sweep(
     recipe: Path,
     out: Path,
@@ -81,35 +159,16 @@ def run_sweep(
     """Merge and score every grid point of ``recipe`` (resuming ``out/results.jsonl``), then
     write ``out/winner.yml``. ``lambdas``/``rhos``: grid option text (``rhos="paper"`` for
     the paper's grid of cclip or fedgma)."""
-    from tqdm.auto import tqdm
-
-    from fedmerge_plugins.diagnostics.report import load_recipe, recipe_models
-    from fedmerge_plugins.grids import clip_rho_grid, fedgma_rho_grid
-    from fedmerge_plugins.sweep.merger import disk_norms, inputs_in_memory, memory_norms, merge_options, merge_point
+    from fedmerge_plugins.recipe import recipe_models
+    from fedmerge_plugins.sweep.merger import disk_norms, inputs_in_memory, memory_norms, merge_options
 
     if mode not in MODES:
-        raise click.BadParameter(f"{mode!r}: use one of {', '.join(MODES)}", param_hint="--mode")
-    data, config = load_recipe(recipe)
-    method = config.merge_method
-    swept = [name for name, text in (("lambda", lambdas), ("rho", rhos)) if text is not None]
-    if not swept:
-        raise click.UsageError("nothing to sweep: give --lambda and/or --rho")
-    check_sweepable(config, swept)
-    if rhos == "paper" and method not in ("cclip", "fedgma"):
-        raise click.BadParameter(f"the paper's ρ grid is defined for cclip and fedgma, not {method}", param_hint="--rho")
-    paper_clip = rhos == "paper" and method == "cclip"  # ρ from the norms, known later
-    axes = {"lambda": parse_values(lambdas, "--lambda") if lambdas else None}
-    if rhos == "paper":
-        axes["rho"] = [1.0] if paper_clip else fedgma_rho_grid()  # 1.0: a stand-in for the checks
-    elif rhos:
-        axes["rho"] = parse_values(rhos, "--rho")
-
-    def grid() -> Tuple[List[GridPoint], Dict[str, Any]]:
-        points = expand(axes)
-        return points, {point.key: point_config(data, point) for point in points}  # each point checked
-
-    points, configs = grid()
-    base, tasks = recipe_models(config)
+        raise SweepError(f"--mode {mode!r}: use one of {', '.join(MODES)}")
+    plan = plan_sweep(recipe, lambdas, rhos)
+    log = open_log(out, plan, evaluator, reference)
+    for point in plan.points():
+        point_config(plan.data, point)  # each point checked, shapes included
+    base, tasks = recipe_models(plan.config)
     models = [base, *tasks]
     run_mode = choose_mode(mode, models, max_memory, echo)
     options = merge_options(base, device)
@@ -122,38 +181,39 @@ def run_sweep(
                 loaders.update(stack.enter_context(inputs_in_memory(models, options)))
 
         norms: Optional[List[float]] = None
-        if method == "cclip":  # CCLIP's global norms, into the cache where its kernel looks
+        if plan.method == "cclip":  # CCLIP's global norms, into the cache where its kernel looks
             norms = _cached_norms(base, tasks)
             if norms is None and run_mode == "memory":
                 hold_inputs()
                 norms = memory_norms(base, tasks, loaders)
             elif norms is None:
                 norms = disk_norms(base, tasks, device)
-        if paper_clip:
-            axes["rho"] = list(clip_rho_grid(norms))
-            points, configs = grid()
-
-        log = ResultLog(Path(out) / RESULTS, fingerprint(data, swept, evaluator.description, reference))
-        done = log.load()
-        pending = [point for point in points if point.key not in done]
-        echo(f"fedmerge sweep: {method}, {len(points)} grid points, {len(points) - len(pending)} already in {log.path}")
-        if pending:
+        points = plan.points(norms)
+        if plan.paper_clip:
+            for point in points:
+                point_config(plan.data, point)
+        done = sum(point.key in log.points() for point in points)
+        echo(f"fedmerge sweep: {plan.method}, {len(points)} grid points, {done} already in {log.path}")
+        if done < len(points):
             hold_inputs()
-        progress = tqdm(pending, desc="grid points", unit="point")
-        for point in progress:
-            started = time.perf_counter()
-            merged = merge_point(configs[point.key], Path(out) / "merges" / f"point-{point.index:04d}", options)
-            scores = evaluator.evaluate(merged)
-            selection = selection_score(scores, reference)
-            log.append(point, method, scores, selection, time.perf_counter() - started)
-            progress.write(f"  {point.label()}: selection score {selection:.6g}")
-            if not keep_merges:
-                shutil.rmtree(merged)
+        outcome = run_search(
+            points,
+            SweepPoint(plan.data, Path(out), options, evaluator, keep_merges),
+            log,
+            method=plan.method,
+            task_count=len(tasks),
+            selection=lambda scores: selection_score(scores, reference),
+            on_record=lambda point, record: echo(f"  {point.label()}: selection score {record['selection']:.6g}"),
+        )
+    return finish(outcome, plan, Path(out), run_mode, norms, echo)
 
-    best = winner(points, log.records)
-    best_point = next(p for p in points if p.key == best["key"])
-    winner_path = Path(out) / WINNER
-    winner_path.write_text(recipe_yaml(point_recipe(data, best_point)), encoding="utf-8")
-    echo(results_table(points, log.records, best["key"]))
-    echo(f"winner: {best_point.label()} (selection score {best['selection']:.6g}); recipe written to {winner_path}")
-    return SweepOutcome(points, dict(log.records), best, winner_path, run_mode, norms)
+
+def finish(outcome: SearchOutcome, plan: SweepPlan, out: Path, mode: str, norms: Optional[List[float]],
+           echo: Callable[[str], None]) -> SweepOutcome:
+    """Write ``out/winner.yml`` and print the table."""
+    best_point = outcome.best_point
+    winner_path = out / WINNER
+    winner_path.write_text(recipe_yaml(winner_recipe(plan.data, best_point)), encoding="utf-8")
+    echo(results_table(outcome.points, outcome.records, outcome.best["key"]))
+    echo(f"winner: {best_point.label()} (selection score {outcome.best['selection']:.6g}); recipe written to {winner_path}")
+    return SweepOutcome(outcome.points, outcome.records, outcome.best, winner_path, mode, norms, outcome.merges)
