@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from fedmerge_plugins.evaluation.backends import Backend
 from fedmerge_plugins.evaluation.loaders import check_split, local_path
 from fedmerge_plugins.evaluation.sandbox import require_isolation
 from fedmerge_plugins.evaluation.tasks import PAPER_TASKS, TASKS, get_spec, parse_task_list
@@ -147,15 +148,18 @@ def load_tasks(
     return {short: loaded[TASKS[short].lm_eval_name] for short in tasks}
 
 
-def load_model(model_dir: "str | Path", *, device: str = "cpu", batch_size: int = 8, dtype: Optional[str] = None):
-    """lm-eval's ``hf`` model on a local directory (float32 on CPU, the checkpoint's dtype elsewhere)."""
-    from lm_eval.models.huggingface import HFLM
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
-    dtype = dtype or ("float32" if device == "cpu" else "auto")
-    return HFLM(pretrained=str(model_dir), device=device, batch_size=batch_size, dtype=dtype)
+def load_model(
+    model_dir: "str | Path",
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    dtype: Optional[str] = None,
+    backend: Optional[Backend] = None,
+):
+    """lm-eval's ``hf`` model on a local directory (float32 on CPU, the checkpoint's dtype
+    elsewhere), or the model ``backend`` describes (``Backend(name="vllm", ...)``)."""
+    backend = backend or Backend(device=device, batch_size=batch_size, dtype=dtype)
+    return backend.load(model_dir)
 
 
 def evaluate_lm(
@@ -234,6 +238,7 @@ def evaluate_model(
     allow_code_execution: bool = False,
     output_dir: "str | Path | None" = None,
     dtype: Optional[str] = None,
+    backend: Optional[Backend] = None,
 ) -> EvalResult:
     """Evaluate the model in ``model_dir`` on ``tasks`` (short names).
 
@@ -244,8 +249,12 @@ def evaluate_model(
     and code; 1024 for instruct).
     ``allow_code_execution`` must be True for humaneval and mbpp, which run generated code.
     ``output_dir``: also write lm-eval's results JSON and the generations there.
+    ``backend``: the lm-eval model to generate with (default: ``hf`` with ``device``,
+    ``batch_size`` and ``dtype``); checked before any data or model is read.
     """
     names = parse_task_list(tasks)
+    backend = backend or Backend(device=device, batch_size=batch_size, dtype=dtype)
+    backend.check()
     check_request(
         names,
         data_dir=data_dir,
@@ -259,7 +268,7 @@ def evaluate_model(
     task_objects = load_tasks(
         names, data_dir=data_dir, split=split, validation_fraction=validation_fraction, seed=seed
     )
-    lm = load_model(model_dir, device=device, batch_size=batch_size, dtype=dtype)
+    lm = load_model(model_dir, backend=backend)
     return evaluate_lm(
         lm,
         task_objects,

@@ -3,11 +3,57 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import click
 
 from fedmerge_plugins.evaluation.tasks import ALL_TASKS, PAPER_TASKS
+
+_BACKEND_OPTIONS = (
+    click.option(
+        "--backend",
+        type=click.Choice(["hf", "vllm"]),
+        default="hf",
+        show_default=True,
+        help="lm-eval model that generates: hf (transformers) or vllm (pip install 'fedmerge[vllm]', GPUs).",
+    ),
+    click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True, help="vllm: GPUs per model replica."),
+    click.option("--data-parallel-size", type=click.IntRange(min=1), default=1, show_default=True, help="vllm: model replicas (needs ray)."),
+    click.option(
+        "--gpu-memory-utilization",
+        type=click.FloatRange(0, 1, min_open=True),
+        help="vllm: fraction of each GPU's memory it may take (vLLM's default 0.9).",
+    ),
+    click.option("--max-model-len", type=click.IntRange(min=1), help="vllm: context length (default: the model's)."),
+)
+
+
+def backend_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``--backend`` option and vLLM's settings, for every command that runs lm-eval."""
+    for option in reversed(_BACKEND_OPTIONS):
+        command = option(command)
+    return command
+
+
+def backend_from_options(
+    backend: str,
+    tensor_parallel_size: int,
+    data_parallel_size: int,
+    gpu_memory_utilization: Optional[float],
+    max_model_len: Optional[int],
+    **hf: Any,
+):
+    """A ``Backend`` from the options of ``backend_options`` (``hf``: device, batch_size, dtype)."""
+    from fedmerge_plugins.evaluation.backends import Backend
+
+    return Backend(
+        name=backend,
+        tensor_parallel_size=tensor_parallel_size,
+        data_parallel_size=data_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        **hf,
+    )
 
 
 @click.command("eval")
@@ -27,6 +73,7 @@ from fedmerge_plugins.evaluation.tasks import ALL_TASKS, PAPER_TASKS
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda:0.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts per generate call.")
 @click.option("--dtype", help="Model dtype (default: float32 on cpu, the checkpoint's own elsewhere).")
+@backend_options
 @click.option(
     "--max-gen-toks",
     type=click.IntRange(min=0),
@@ -70,6 +117,11 @@ def eval_command(
     device: str,
     batch_size: int,
     dtype: Optional[str],
+    backend: str,
+    tensor_parallel_size: int,
+    data_parallel_size: int,
+    gpu_memory_utilization: Optional[float],
+    max_model_len: Optional[int],
     max_gen_toks: int,
     validation_fraction: Optional[float],
     split: str,
@@ -81,6 +133,7 @@ def eval_command(
     """Evaluate the model in MODEL_DIR on GSM8K, MATH, HumanEval and MBPP as in the paper
     (zero-shot, greedy) and print a table laid out like the paper's Table 5."""
     from fedmerge_plugins.evaluation.api import evaluate_model
+    from fedmerge_plugins.evaluation.backends import BackendError
     from fedmerge_plugins.evaluation.loaders import DataUnavailable
     from fedmerge_plugins.evaluation.report import format_table, write_alpaca_eval_outputs
     from fedmerge_plugins.evaluation.tasks import parse_task_list
@@ -91,6 +144,16 @@ def eval_command(
         raise click.BadParameter(str(error), param_hint="--tasks") from None
     if alpaca_eval_outputs is not None and "instruct" not in names:
         raise click.UsageError("--alpaca-eval-outputs writes the instruct task's answers: add instruct to --tasks")
+    lm_backend = backend_from_options(
+        backend,
+        tensor_parallel_size,
+        data_parallel_size,
+        gpu_memory_utilization,
+        max_model_len,
+        device=device,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
     try:
         result = evaluate_model(
             model_dir,
@@ -105,9 +168,9 @@ def eval_command(
             seed=seed,
             allow_code_execution=allow_code_execution,
             output_dir=output,
-            dtype=dtype,
+            backend=lm_backend,
         )
-    except (ValueError, FileNotFoundError, DataUnavailable) as error:
+    except (ValueError, FileNotFoundError, DataUnavailable, BackendError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(format_table([((model_dir.name,), result.scores)]))
     click.echo("items: " + ", ".join(f"{short} {count}" for short, count in result.counts.items()))
