@@ -19,6 +19,14 @@ def clip_coefficients(rho: float, norms: Sequence[float]) -> List[float]:
     return [1.0 if norm <= rho else rho / norm for norm in norms]
 
 
+def checkpoint_norm_provider(base: Hashable, model: Hashable, device: torch.device) -> float:
+    """The default provider: the streaming, cached norm of mergekit's input checkpoints
+    (``fedmerge_plugins.norms.reference_norm``; ids must be mergekit ModelReferences)."""
+    from fedmerge_plugins.norms import reference_norm
+
+    return reference_norm(base, model, device)
+
+
 class CClipMerge(GroupMergeMethod):
     spec = MergeMethodSpec(
         name="cclip",
@@ -32,9 +40,8 @@ class CClipMerge(GroupMergeMethod):
         ),
     )
 
-    def __init__(self) -> None:
-        # fedmerge_plugins.register() plugs in the streaming, cached checkpoint norms.
-        self.norm_provider: Optional[NormProvider] = None
+    def __init__(self, norm_provider: Optional[NormProvider] = checkpoint_norm_provider) -> None:
+        self.norm_provider = norm_provider
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         """θ_0 + λ Σ_t τ_t · min(1, ρ / ‖τ_t‖), ‖τ_t‖ the L2 norm of model t's WHOLE task vector (eq. 14)."""
