@@ -70,8 +70,33 @@ def test_gsm8k_reference_and_comparison_by_value():
 
 
 def test_answer_marker():
-    assert text_after_answer_marker("a The answer is: b The answer is c") == "c"
+    # the last marker with a colon wins; the colon-less form counts only when there is none
+    assert text_after_answer_marker("a The answer is: b The answer is c") == "b The answer is c"
+    assert text_after_answer_marker("a The answer is: b The answer is: c") == "c"
+    assert text_after_answer_marker("a The answer is b The answer is c") == "c"
     assert text_after_answer_marker("no marker") is None
+
+
+@pytest.mark.parametrize(
+    "generation, expected",
+    [
+        # a formal answer, then an informal check that quotes other numbers
+        ("Tom has 3 apples and buys 4 more. 3 + 4 = 7.\nThe answer is: 7\n\nThe answer is correct since 3 + 4 = 7.", "7"),
+        ("48 / 2 = 24 clips in May. 48 + 24 = 72.\nThe answer is: 72.\nI hope the answer is helpful: 1 question solved.", "72"),
+        # two formal answers: the model corrected itself, the last one counts
+        ("So 5 * 6 = 30. The answer is: 30\nWait, 5 * 7 = 35. The answer is: 35", "35"),
+        # only informal markers (the documented leniency): the last one
+        ("I think the answer is 12, no, the answer is 14.", None),  # lower-case "the" is no marker
+        ("First guess. The answer is 12. Checking again, The answer is 14.", "14"),
+    ],
+)
+def test_formal_marker_wins_over_later_informal(generation, expected):
+    assert extract_gsm8k_answer(generation) == expected
+
+
+def test_math_formal_marker_wins():
+    generation = "We get $x = \\frac{1}{2}$.\nThe answer is: \\frac{1}{2}.\nThe answer is easy to check by substitution."
+    assert extract_math_answer(generation) == "\\frac{1}{2}"
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,9 @@ value; MATH answers are compared as strings after ``strip_string``, the LaTeX no
 the MATH paper's ``is_equiv`` (Hendrycks et al., 2021), re-implemented here.
 
 Deliberate differences from DARE's code, all on the lenient side of wrong-format answers:
-"The answer is" without the colon is accepted; GSM8K numbers are compared exactly (DARE rounds
+"The answer is" without the colon is accepted, but only when no marker with a colon is there:
+the last formal "The answer is: N" wins over any later informal "The answer is correct since
+…" (DARE itself reads only the colon form); GSM8K numbers are compared exactly (DARE rounds
 the prediction to an integer first, so "12.5" counted as 12); "1,234,567" is read whole;
 a MATH answer wrapped in ``$...$`` or ``\\boxed{...}`` is unwrapped; ``_fix_a_slash_b`` also
 tolerates non-integer parts instead of falling back to raw string equality.
@@ -18,14 +20,19 @@ import re
 from fractions import Fraction
 from typing import Optional
 
-ANSWER_MARKER = re.compile(r"The answer is:? ?")
+FORMAL_MARKER = re.compile(r"The answer is: ?")
+INFORMAL_MARKER = re.compile(r"The answer is ?")
 _NUMBER = re.compile(r"[-+]?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:\s?/\s?\d[\d,]*)?")
 
 
 def text_after_answer_marker(generation: str) -> Optional[str]:
-    """The text after the last "The answer is: " (or "The answer is "), None without one."""
-    matches = list(ANSWER_MARKER.finditer(generation))
-    return generation[matches[-1].end() :] if matches else None
+    """The text after the last "The answer is: "; without any marker with a colon, after the
+    last "The answer is "; None without either."""
+    for marker in (FORMAL_MARKER, INFORMAL_MARKER):
+        matches = list(marker.finditer(generation))
+        if matches:
+            return generation[matches[-1].end() :]
+    return None
 
 
 # ----------------------------------------------------------------------------- GSM8K
