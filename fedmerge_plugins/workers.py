@@ -15,10 +15,11 @@ optional extra: ``pip install 'fedmerge[ray]'``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
@@ -142,35 +143,27 @@ def run_units(
                 progress()
 
 
-class _ray_session:
+@contextlib.contextmanager
+def _ray_session(settings: WorkerSettings) -> Iterator[None]:
     """``ray.init`` for the settings (local: bound to 127.0.0.1, no dashboard), shut down at
-    the end when this process started it."""
+    the end when this call started it; a session the caller started is left running."""
+    import ray
 
-    def __init__(self, settings: WorkerSettings) -> None:
-        self.settings = settings
-        self.started = False
-
-    def __enter__(self) -> "_ray_session":
-        import ray
-
-        if not ray.is_initialized():
-            options: Dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-            if self.settings.ray_address:
-                ray.init(address=self.settings.ray_address, **options)
-            else:
-                ray.init(
-                    num_cpus=self.settings.workers,
-                    num_gpus=int(torch.cuda.device_count()),
-                    _node_ip_address="127.0.0.1",
-                    include_dashboard=False,
-                    **options,
-                )
-            self.started = True
-        return self
-
-    def __exit__(self, *exc: Tuple[Any, ...]) -> None:
-        import ray
-
-        if self.started:
-            ray.shutdown()
-
+    if ray.is_initialized():
+        yield
+        return
+    options: Dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, **options)
+    else:
+        ray.init(
+            num_cpus=settings.workers,
+            num_gpus=int(torch.cuda.device_count()),
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            **options,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
