@@ -5,7 +5,7 @@ naming the model, so a typo such as ``learning_rte`` would silently merge with t
 default. ``check_recipe`` rejects, naming the model and key: unknown keys, shared
 parameters set per model, missing required values (fednova's ``steps``), placeholders
 left in a recipe, values out of range, a missing base model, and tensor shapes that
-differ from the base's (read from safetensors headers). ``fedmerge_autoload``
+differ from the base's (read from safetensors headers). ``fedmerge_plugins.mergekit_hooks``
 runs the recipe-only checks at the start of ``run_merge`` (before any model is resolved or
 downloaded) and all of them, shapes included, when ``MergePlanner`` starts (before any
 output exists).
@@ -13,13 +13,10 @@ output exists).
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import click
 from mergekit.common import ModelReference
 from mergekit.config import ConditionalParameter, MergeConfiguration
 from mergekit.merge_methods import registry
@@ -27,12 +24,13 @@ from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from pydantic import ValidationError
 
 from fedmerge_plugins import METHOD_NAMES
+from fedmerge_plugins.errors import FedmergeError
 
 Block = Tuple[str, Optional[ModelReference], Dict[str, Any]]
 
 
-class RecipeError(click.ClickException):
-    """A recipe problem; mergekit-yaml (a click command) prints it without a traceback."""
+class RecipeError(FedmergeError):
+    """A recipe problem, named by method, model and key (one line)."""
 
 
 def parameter_blocks(config: MergeConfiguration) -> Iterator[Block]:
@@ -202,38 +200,3 @@ def check_recipe(config: MergeConfiguration, *, shapes: bool = True) -> None:
                 raise RecipeError(f"{method}: model {task}: missing required parameter `{parameter.name}`")
     if shapes:
         check_shapes(config, task_models(config))
-
-
-def install_run_merge_check() -> None:
-    """Check the recipe's parameters at the start of ``mergekit.merge.run_merge``, before
-    it resolves (and downloads) any model; idempotent."""
-    # Called while mergekit.merge finishes loading: take it from sys.modules, not the package.
-    merge = importlib.import_module("mergekit.merge")
-    original = merge.run_merge
-    if getattr(original, "fedmerge_checked", False):
-        return
-
-    @functools.wraps(original)
-    def run_merge(merge_config: MergeConfiguration, *args: Any, **kwargs: Any) -> Any:
-        check_recipe(merge_config, shapes=False)
-        return original(merge_config, *args, **kwargs)
-
-    run_merge.fedmerge_checked = True  # type: ignore[attr-defined]
-    merge.run_merge = run_merge
-
-
-def install_planner_check() -> None:
-    """Run ``check_recipe`` at the start of every ``MergePlanner`` (idempotent)."""
-    from mergekit.plan import MergePlanner
-
-    original = MergePlanner.__init__
-    if getattr(original, "fedmerge_checked", False):
-        return
-
-    @functools.wraps(original)
-    def __init__(self: MergePlanner, config: MergeConfiguration, *args: Any, **kwargs: Any) -> None:
-        check_recipe(config)
-        original(self, config, *args, **kwargs)
-
-    __init__.fedmerge_checked = True  # type: ignore[attr-defined]
-    MergePlanner.__init__ = __init__  # type: ignore[method-assign]

@@ -188,6 +188,6 @@ def test_fednova_template_names_the_model_and_the_missing_value() -> None:
     config = MergeConfiguration.model_validate(load_recipe(CONFIGS / "fednova.yml"))
     with pytest.raises(RecipeError) as error:
         recipe_checks.check_recipe(config)
-    message = str(error.value.message)
+    message = str(error.value)
     assert f"model {TASKS['instruction'][0]}" in message
     assert re.search(r"`steps` = 'FILL_IN_STEPS' is invalid: .*fill in the real value", message), message

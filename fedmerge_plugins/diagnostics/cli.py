@@ -23,9 +23,11 @@ def inspect_command(recipe: Path, json_path: Optional[str], plot_path: Optional[
     values change the mask, the paper's CCLIP ρ grid and, for fednova recipes, the
     weights w_t and χ²(p‖w) of section 4.2. Norms are CCLIP's own, from and into its cache.
     """
+    from fedmerge_plugins.cli import one_line_errors
     from fedmerge_plugins.diagnostics.report import build_report, format_report, report_json
 
-    report = build_report(recipe, device=device)
+    with one_line_errors():
+        report = build_report(recipe, device=device)
     if json_path == "-":
         click.echo(json.dumps(report_json(report), indent=1))
     else:

@@ -67,5 +67,5 @@ def point_config(data: Dict[str, Any], point: Point) -> Any:
     try:
         check_recipe(config)
     except RecipeError as error:
-        raise SweepError(f"grid point {point.label()}: {getattr(error, 'message', error)}") from None
+        raise SweepError(f"grid point {point.label()}: {error}") from None
     return config
