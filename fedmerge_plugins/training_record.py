@@ -262,41 +262,47 @@ def check_against(run: LoggedRun, schedule: Schedule, origin: str) -> None:
 def log_estimate(rates: Sequence[Tuple[int, float]], steps: int, peak: Optional[float] = None) -> Tuple[Fraction, Fraction]:
     """(estimate, bound) of Σ_k η_k over ``steps`` steps from the logged ``(step, rate)``.
 
-    Each logged rate η_i stands for the n_i steps since the previous log; the steps after
-    the last log take the last rate. The rate at a logged step is exact; each of the other
-    steps is off by at most the width of the range its rate can lie in. The bound assumes
-    every rate lies in [0, P] (P: ``peak``, else the highest logged rate) and that between
-    two logs the rate moves monotonically unless the logged rates change direction there:
-    - between logs i − 1 and i where the logged rates keep one direction: |η_i − η_{i−1}|;
-    - before the first log: [0, η_1] if the logged rates rise from there (a warm-up from 0),
-      else [0, P]; where they change direction (a warm-up's end, a restart): [0, P];
-    - after the last log: [0, η_m] if they do not rise at the end, else [0, P].
+    Each logged rate η_i stands for the steps since the previous log; the steps after the
+    last log take the last rate. A logged step's rate is exact; each other step's rate lies
+    in a range, and the error lies between the sums of the ranges' ends less the estimate:
+    the bound is the larger side. The ranges assume every rate lies in [0, P] (P: ``peak``,
+    else the highest logged rate, which a peak between two logs can exceed) and that the
+    rate moves monotonically between two logs unless the logged rates turn around there:
+    - between logs whose neighbours keep one direction: between the two logged rates;
+    - where the logged rates rise then fall (a warm-up's end): up to P; where they fall then
+      rise (a restart): down to 0;
+    - before the first log: [0, η_1] if the rates rise or stay from there (a warm-up from 0),
+      else [0, P]; after the last log: [0, η_m] unless they rise at the end ([0, P]).
     A log at every step is exact (bound 0), and so is a constant rate.
     """
     if not rates:
         raise TrainingRecordError("no learning rate logged")
     top = Fraction(max(peak or 0.0, max(rate for _, rate in rates)))
     values = [Fraction(rate) for _, rate in rates]
-    slopes = [(b > a) - (b < a) for a, b in zip(values, values[1:])]  # slopes[i - 1]: from log i − 1 to i
-
-    def wide(value: Fraction) -> Fraction:  # the largest error of a rate in [0, P] taken as ``value``
-        return max(value, top - value)
-
-    estimate, bound, previous = Fraction(0), Fraction(0), 0
-    for i, ((step, _), value) in enumerate(zip(rates, values)):
-        estimate += (step - previous) * value
-        unknown = step - previous - 1
+    slopes = [(b > a) - (b < a) for a, b in zip(values, values[1:])]  # slopes[i]: from log i to i + 1
+    ranges = []  # (unknown steps, lowest rate, highest rate, the rate they are estimated with)
+    previous = 0
+    for i, (step, _) in enumerate(rates):
         if i == 0:
-            bound += unknown * (value if slopes and slopes[0] > 0 else wide(value))
+            rising_start = bool(slopes) and slopes[0] >= 0
+            low, high = Fraction(0), (values[0] if rising_start else top)
         else:
-            around = slopes[max(i - 2, 0) : i + 1]  # the slopes into log i − 1, into i, out of i
-            steady = len(set(around)) == 1
-            bound += unknown * (abs(value - values[i - 1]) if steady else wide(value))
+            before = slopes[i - 2] if i >= 2 else (1 if slopes[0] > 0 else None)  # None: unknown
+            turns = [d for d in (before, slopes[i - 1], slopes[i] if i < len(slopes) else None) if d]
+            peak_inside = before is None or any(a > 0 > b for a, b in zip(turns, turns[1:]))
+            trough_inside = any(a < 0 < b for a, b in zip(turns, turns[1:]))
+            ends = (values[i - 1], values[i])
+            low = Fraction(0) if trough_inside else min(ends)
+            high = top if peak_inside else max(ends)
+        ranges.append((step - previous - 1, low, high, values[i]))
         previous = step
-    tail = steps - previous
-    estimate += tail * values[-1]
-    bound += tail * (values[-1] if slopes and slopes[-1] <= 0 else wide(values[-1]))
-    return estimate, bound
+    falling_end = bool(slopes) and slopes[-1] <= 0
+    ranges.append((steps - previous, Fraction(0), values[-1] if falling_end else top, values[-1]))
+    estimate = sum(((step - before) * value for (step, _), before, value in zip(rates, [0] + [s for s, _ in rates], values)), Fraction(0))
+    estimate += (steps - previous) * values[-1]
+    below = sum((n * (value - low) for n, low, _, value in ranges), Fraction(0))
+    above = sum((n * (high - value) for n, _, high, value in ranges), Fraction(0))
+    return estimate, max(below, above)
 
 
 # --- One task model's record ------------------------------------------------------------
