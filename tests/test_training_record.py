@@ -49,9 +49,11 @@ class Run:
     rates: List[float]  # the rate of every optimizer step, as the optimizer used it
 
 
-def train(out: Path, logging_steps: int, resume: Optional[Path] = None, save_args: bool = False) -> Run:
-    """A few dozen Trainer steps, warm-up + cosine, logged every ``logging_steps``,
-    checkpoints at 15 and 30, the final state in ``out``."""
+def train(
+    out: Path, logging_steps: int, resume: Optional[Path] = None, save_args: bool = False, constant: Optional[float] = None
+) -> Run:
+    """A few dozen Trainer steps, warm-up + cosine (``constant``: that rate, no warm-up),
+    logged every ``logging_steps``, checkpoints at 15 and 30, the final state in ``out``."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     rates: List[float] = []
@@ -61,7 +63,8 @@ def train(out: Path, logging_steps: int, resume: Optional[Path] = None, save_arg
             rates.append(optimizer.param_groups[0]["lr"])
 
     args = TrainingArguments(
-        output_dir=str(out), max_steps=STEPS, learning_rate=PEAK, lr_scheduler_type="cosine", warmup_steps=WARMUP,
+        output_dir=str(out), max_steps=STEPS, learning_rate=constant or PEAK,
+        lr_scheduler_type="constant" if constant else "cosine", warmup_steps=0 if constant else WARMUP,
         logging_steps=logging_steps, save_strategy="steps", save_steps=15, per_device_train_batch_size=4,
         report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
     )
@@ -83,6 +86,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Run]:
         "with_args": train(root / "with_args", 4, save_args=True),
         # resumed from every4's checkpoint-15 in a folder of its own: steps 16 … 30 again
         "resumed": train(root / "resumed", 4, resume=every4.out / "checkpoint-15"),
+        "constant": train(root / "constant", 4, constant=3e-3),
     }
 
 
@@ -231,3 +235,115 @@ def test_unreadable_logs_are_named(tmp_path: Path) -> None:
     state.write_text(json.dumps({"log_history": [{"learning_rate": 0.1, "step": 5}, {"learning_rate": 0.1, "step": 3}], "global_step": 10, "max_steps": 10}))
     with pytest.raises(TrainingRecordError, match=r"logged step 3 is out of order"):
         record(training_log=str(state))
+
+
+# --- through mergekit-yaml and fedmerge inspect ----------------------------------------
+
+
+def fednova_recipe(family, per_model: List[Dict[str, object]], method: str = "fednova", lam: float = 0.7) -> Dict:
+    return {
+        "merge_method": method,
+        "base_model": str(family.base),
+        "models": [{"model": str(p), "parameters": m} for p, m in zip(family.tasks, per_model)],
+        "parameters": {"lambda": lam},
+        "dtype": "float32",
+    }
+
+
+def mergekit_yaml(config: Dict, workdir: Path, name: str) -> Dict[str, torch.Tensor]:
+    import subprocess
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from tests.conftest import BIN
+
+    path = workdir / f"{name}.yml"
+    path.write_text(yaml.safe_dump(config))
+    run = subprocess.run(
+        [str(BIN / "mergekit-yaml"), str(path), str(workdir / name), "--no-write-model-card"],
+        capture_output=True, text=True, timeout=300, env=os.environ.copy(),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return load_file(str(workdir / name / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory):
+    from fedmerge_plugins.synthetic import make_family
+
+    return make_family(tmp_path_factory.mktemp("family"), scales=(0.01, 0.02, 0.1))
+
+
+@pytest.mark.slow
+def test_mergekit_yaml_from_logs_equals_explicit_values(runs: Dict[str, Run], family, tmp_path: Path) -> None:
+    """Saved JSON arguments, a constant rate logged every 4 steps, a log of every step: the
+    same weights, bit for bit, as the equivalent explicit values, and eq. 11 in float64."""
+    from_logs = [
+        {"training_log": str(runs["with_args"].out)},
+        {"training_log": str(runs["constant"].out)},
+        {"training_log": str(runs["every1"].out)},
+    ]
+    explicit = [{"steps": STEPS, **COSINE}, {"steps": STEPS, "learning_rate": 3e-3}, {"steps": STEPS, **COSINE}]
+    merged = mergekit_yaml(fednova_recipe(family, from_logs), tmp_path, "logs")
+    reference = mergekit_yaml(fednova_recipe(family, explicit), tmp_path, "explicit")
+    assert set(merged) == set(reference) and all(torch.equal(merged[k], reference[k]) for k in merged)
+    a = [float(exact(runs["with_args"].rates)), STEPS * 3e-3, float(exact(runs["every1"].rates))]
+    assert a[1] > 5 * a[0]  # heterogeneous
+    for name, base in family.base_tensors.items():
+        tau = [t[name].double() - base.double() for t in family.task_tensors]
+        expected = base.double() + 0.7 * (sum(a) / 3) * sum(v / w for v, w in zip(tau, a))
+        torch.testing.assert_close(merged[name].double(), expected, rtol=2e-6, atol=2e-6, msg=name)
+
+
+def test_equal_logs_are_task_arithmetic_bit_for_bit(runs: Dict[str, Run], family) -> None:
+    """The kernel reads the logs itself (mergekit's Python API, ids of our choosing)."""
+    from mergekit.merge_methods.api import merge_state_dicts
+
+    import fedmerge_plugins
+
+    fedmerge_plugins.register()
+    models = {f"m{i}": tensors for i, tensors in enumerate(family.task_tensors)}
+    inputs = {"base": family.base_tensors, **models}
+    log = {m: str(runs["every4"].out) for m in models}  # the estimate from the log alone
+    with torch.no_grad():
+        merged = merge_state_dicts(inputs, "fednova", base="base", parameters={"lambda": 0.7, "training_log": log})
+        reference = merge_state_dicts(inputs, "task_arithmetic", base="base", parameters={"lambda": 0.7, "weight": {m: 1.0 for m in models}})
+        heterogeneous = merge_state_dicts(
+            inputs, "fednova", base="base", parameters={"lambda": 0.7, "training_log": {**log, "m1": str(runs["constant"].out)}}
+        )
+    assert all(torch.equal(merged[k], reference[k]) for k in reference)
+    assert not all(torch.equal(heterogeneous[k], reference[k]) for k in reference)
+
+
+def test_inspect_shows_where_each_norm_came_from(runs: Dict[str, Run], family, tmp_path: Path) -> None:
+    import yaml
+    from click.testing import CliRunner
+
+    from fedmerge_plugins.diagnostics.cli import inspect_command
+
+    per_model = [{"steps": 40, "learning_rate": 5e-4}, {"steps": STEPS, **COSINE}, {"training_log": str(runs["every4"].out)}]
+    path = tmp_path / "fednova.yml"
+    path.write_text(yaml.safe_dump(fednova_recipe(family, per_model)))
+    result = CliRunner().invoke(inspect_command, [str(path), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    nova = json.loads((tmp_path / "r.json").read_text())["fednova"]
+    log = record(training_log=str(runs["every4"].out))
+    a = [40 * 5e-4, float(exact(runs["every4"].rates)), float(log.value)]
+    assert nova["sources"] == ["constant", "schedule", "log"]
+    assert nova["effective_steps"] == pytest.approx(a, rel=1e-15)
+    assert nova["bounds"] == [0.0, 0.0, pytest.approx(float(log.bound), rel=1e-15)]
+    w = [x / sum(a) for x in a]
+    assert nova["weights"] == pytest.approx(w, rel=1e-12)
+    assert nova["chi_square"] == pytest.approx(sum((1 / 3 - x) ** 2 / x for x in w), rel=1e-12)
+    table = result.output[result.output.index("FedNova training"):]
+    for needle in ("constant", "schedule", "log", f"± {float(log.bound):.3g}", "cosine, warm-up 5, peak 0.001 over 30 steps", f"χ²(p‖w) = {nova['chi_square']:.6g}"):
+        assert needle in table, needle
+
+    per_model[2] = {"training_log": str(tmp_path / "no-such-run")}
+    path.write_text(yaml.safe_dump(fednova_recipe(family, per_model)))
+    result = CliRunner().invoke(inspect_command, [str(path)])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == [
+        f"Error: fednova: model {family.tasks[2]}: {tmp_path / 'no-such-run'}: no such file or folder"
+    ]
