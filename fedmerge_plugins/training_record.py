@@ -243,7 +243,8 @@ def _args_schedule(path: Path, length: int) -> Tuple[Optional[Schedule], str]:
         raise TrainingRecordError(f"{path}: unreadable learning_rate, warmup or lr_scheduler_kwargs: {error}") from None
     # transformers 4 took warmup_steps if > 0, else warmup_ratio; 5 has only warmup_steps
     warmup = warmup_count(length, warmup_steps, None) if warmup_steps > 0 else warmup_count(length, None, warmup_ratio)
-    schedule = Schedule(name, peak, length, warmup, tuple(sorted(kwargs.items())))
+    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
+    schedule = Schedule(name, peak, length, warmup, frozen)
     return schedule, f"schedule from {path.name}"
 
 
@@ -350,7 +351,10 @@ def _effective_steps(key: Tuple[Tuple[str, Any], ...], signature: Tuple[Any, ...
             raise TrainingRecordError("give `steps` or `training_log`, not both: the log's global_step is the step count")
         if name is not None and rate is None:
             raise TrainingRecordError("`schedule` needs `learning_rate`, its peak rate")
-        return _from_logs(split_logs(logs), name, rate, warmup_steps, warmup_ratio)
+        try:
+            return _from_logs(split_logs(logs), name, rate, warmup_steps, warmup_ratio)
+        except TrainingRecordError as error:
+            raise TrainingRecordError(f"`training_log`: {error}") from None
     if steps is None:
         raise TrainingRecordError("missing required parameter `steps` (or give `training_log`)")
     if name is None:
@@ -366,15 +370,15 @@ def _from_logs(
     paths: Sequence[str], name: Optional[str], peak: Optional[float], warmup_steps: Optional[float], warmup_ratio: Optional[float]
 ) -> EffectiveSteps:
     if not paths:
-        raise TrainingRecordError("`training_log` is empty")
+        raise TrainingRecordError("no path given")
     runs = [read_run(Path(p)) for p in paths]
     for later, run in enumerate(runs):
         for earlier in runs[:later]:
             if run.path == earlier.path:
-                raise TrainingRecordError(f"`training_log` names {run.path} twice")
+                raise TrainingRecordError(f"{run.path} is named twice")
             if run.first_entry and run.first_entry == earlier.first_entry:
                 raise TrainingRecordError(
-                    f"`training_log`: {run.path} resumed {earlier.path} from a checkpoint (its log repeats the same "
+                    f"{run.path} resumed {earlier.path} from a checkpoint (its log repeats the same "
                     "steps): give only the resumed run, its log covers both"
                 )
     total, bound, details, scheduled = Fraction(0), Fraction(0), [], True

@@ -58,7 +58,7 @@ def test_other_methods_are_left_to_mergekit(family: Family) -> None:
          r"`warmup_steps` = 2.5 is invalid: parameter `warmup_steps` must be an integer >= 0, or a ratio in \[0, 1\)"),
         ("fednova", {}, ({"training_log": ["/a", "/b"]}, {"steps": 3}),
          r"task0: `training_log` must be one value for the whole model \(a list or filter is a per-layer setting in mergekit; join several runs' paths with ':'\)"),
-        ("fednova", {}, ({"training_log": "/no/such/run"}, {"steps": 3}), r"fednova: model .*/task0: /no/such/run: no such file or folder"),
+        ("fednova", {}, ({"training_log": "/no/such/run"}, {"steps": 3}), r"fednova: model .*/task0: `training_log`: /no/such/run: no such file or folder"),
         ("fednova", {"learning_rate": 1e-4}, ({"steps": 10, "warmup_steps": 3}, {"steps": 3}), r"model .*/task0: `warmup_steps`/`warmup_ratio` need a `schedule`"),
     ],
 )

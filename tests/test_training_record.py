@@ -200,7 +200,7 @@ def test_resumed_run_covers_both_and_runs_add_up(runs: Dict[str, Run]) -> None:
 @pytest.mark.parametrize(
     "values,needle",
     [
-        ({"training_log": "/nonexistent/run"}, r"/nonexistent/run: no such file or folder"),
+        ({"training_log": "/nonexistent/run"}, r"^`training_log`: /nonexistent/run: no such file or folder$"),
         ({"steps": 10, "training_log": "LOG"}, r"give `steps` or `training_log`, not both"),
         ({"steps": 10, "schedule": "constant", "learning_rate": 1.0, "warmup_steps": 3}, r"`schedule: constant` ignores warm-up"),
         ({"steps": 10, "schedule": "cosine"}, r"`schedule` needs `learning_rate`"),
@@ -345,5 +345,5 @@ def test_inspect_shows_where_each_norm_came_from(runs: Dict[str, Run], family, t
     result = CliRunner().invoke(inspect_command, [str(path)])
     assert result.exit_code != 0
     assert result.output.strip().splitlines() == [
-        f"Error: fednova: model {family.tasks[2]}: {tmp_path / 'no-such-run'}: no such file or folder"
+        f"Error: fednova: model {family.tasks[2]}: `training_log`: {tmp_path / 'no-such-run'}: no such file or folder"
     ]
