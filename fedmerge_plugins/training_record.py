@@ -282,7 +282,7 @@ def log_estimate(rates: Sequence[Tuple[int, float]], steps: int, peak: Optional[
     values = [Fraction(rate) for _, rate in rates]
     slopes = [(b > a) - (b < a) for a, b in zip(values, values[1:])]  # slopes[i]: from log i to i + 1
     ranges = []  # (unknown steps, lowest rate, highest rate, the rate they are estimated with)
-    previous = 0
+    estimate, previous = Fraction(0), 0
     for i, (step, _) in enumerate(rates):
         if i == 0:
             rising_start = bool(slopes) and slopes[0] >= 0
@@ -296,10 +296,10 @@ def log_estimate(rates: Sequence[Tuple[int, float]], steps: int, peak: Optional[
             low = Fraction(0) if trough_inside else min(ends)
             high = top if peak_inside else max(ends)
         ranges.append((step - previous - 1, low, high, values[i]))
+        estimate += (step - previous) * values[i]
         previous = step
     falling_end = bool(slopes) and slopes[-1] <= 0
     ranges.append((steps - previous, Fraction(0), values[-1] if falling_end else top, values[-1]))
-    estimate = sum(((step - before) * value for (step, _), before, value in zip(rates, [0] + [s for s, _ in rates], values)), Fraction(0))
     estimate += (steps - previous) * values[-1]
     below = sum((n * (value - low) for n, low, _, value in ranges), Fraction(0))
     above = sum((n * (high - value) for n, _, high, value in ranges), Fraction(0))
@@ -344,7 +344,7 @@ def _effective_steps(key: Tuple[Tuple[str, Any], ...], signature: Tuple[Any, ...
             "`schedule: constant` ignores warm-up in transformers (the Trainer would too): "
             "use `constant_with_warmup`, or drop the warm-up"
         )
-    if (warmup_steps or warmup_ratio) and name is None and not logs:
+    if (warmup_steps or warmup_ratio) and name is None:
         raise TrainingRecordError("`warmup_steps`/`warmup_ratio` need a `schedule`")
     if logs:
         if steps is not None:
