@@ -26,9 +26,6 @@ def _check(name: str, rule: str, ok: Callable[[float], bool]) -> AfterValidator:
     return AfterValidator(validate)
 
 
-Lambda = Annotated[float, _check("lambda", "a finite number", lambda v: True)]
-AgreementRho = Annotated[float, _check("rho", "in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
-ClipRho = Annotated[float, _check("rho", "> 0", lambda v: v > 0.0)]
 def _choice(name: str, choices: Sequence[str]) -> AfterValidator:
     def validate(value: str) -> str:
         if value not in choices:
@@ -47,10 +44,14 @@ def _nonempty(name: str) -> AfterValidator:
     return AfterValidator(validate)
 
 
+Lambda = Annotated[float, _check("lambda", "a finite number", lambda v: True)]
+AgreementRho = Annotated[float, _check("rho", "in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
+ClipRho = Annotated[float, _check("rho", "> 0", lambda v: v > 0.0)]
+
 # FedNova's training record (fedmerge_plugins.training_record); None: not given
 Steps = Optional[Annotated[int, _check("steps", "an integer > 0", lambda v: v > 0)]]
 LearningRate = Optional[Annotated[float, _check("learning_rate", "> 0", lambda v: v > 0.0)]]
-Schedule = Optional[Annotated[str, _choice("schedule", SCHEDULES)]]
+ScheduleName = Optional[Annotated[str, _choice("schedule", SCHEDULES)]]
 WarmupSteps = Optional[
     Annotated[float, _check("warmup_steps", "an integer >= 0, or a ratio in [0, 1)", lambda v: v >= 0 and (v < 1 or v == int(v)))]
 ]

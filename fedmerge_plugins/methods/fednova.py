@@ -10,7 +10,7 @@ from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, Tenso
 
 from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, weighted_task_sum
 from fedmerge_plugins.params import (
-    LAMBDA, LearningRate, Schedule, Steps, TrainingLog, WarmupRatio, WarmupSteps, per_model,
+    LAMBDA, LearningRate, ScheduleName, Steps, TrainingLog, WarmupRatio, WarmupSteps, per_model,
 )
 from fedmerge_plugins.training_record import RECORD_KEYS, effective_steps
 
@@ -35,7 +35,7 @@ class FedNovaMerge(GroupMergeMethod):
             LAMBDA,
             per_model("steps", Steps, None, doc="optimizer steps the task model was trained for"),
             per_model("learning_rate", LearningRate, None, doc="constant rate (default 1), or the schedule's peak"),
-            per_model("schedule", Schedule, None, doc="transformers' scheduler name; Σ_k η_k stepped exactly"),
+            per_model("schedule", ScheduleName, None, doc="transformers' scheduler name; Σ_k η_k stepped exactly"),
             per_model("warmup_steps", WarmupSteps, None, doc="warm-up steps (below 1: a ratio, as transformers 5)"),
             per_model("warmup_ratio", WarmupRatio, None, doc="warm-up as a share of the steps (transformers 4)"),
             per_model("training_log", TrainingLog, None, doc="trainer_state.json or Trainer output folders, joined by ':'"),
