@@ -3,7 +3,8 @@
 mergekit ignores parameter keys a method does not declare and reports bad values without
 naming the model, so a typo such as ``learning_rte`` would silently merge with the
 default. ``check_recipe`` rejects, naming the model and key: unknown keys, shared
-parameters set per model, missing required values (fednova's ``steps``), placeholders
+parameters set per model, missing required values (fednova's ``steps`` or ``training_log``,
+whose logs are read and checked here), placeholders
 left in a recipe, values out of range, a missing base model, and tensor shapes that
 differ from the base's (read from safetensors headers). ``fedmerge_plugins.mergekit_hooks``
 runs the recipe-only checks at the start of ``run_merge`` (before any model is resolved or
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 from mergekit.common import ModelReference
 from mergekit.config import ConditionalParameter, MergeConfiguration
@@ -25,6 +26,9 @@ from pydantic import ValidationError
 
 from fedmerge_plugins import METHOD_NAMES
 from fedmerge_plugins.errors import FedmergeError
+
+if TYPE_CHECKING:
+    from fedmerge_plugins.training_record import EffectiveSteps
 
 Block = Tuple[str, Optional[ModelReference], Dict[str, Any]]
 
@@ -110,7 +114,7 @@ def _check_value(method: str, where: str, parameter: ParameterSpec, setting: Any
         try:
             parameter.validate(value)
         except ValidationError as error:
-            if isinstance(value, str):
+            if isinstance(value, str) and error.errors()[0]["type"].endswith("_parsing"):
                 reason = "a placeholder or text, not a number: fill in the real value"
             else:
                 reason = error.errors()[0]["msg"].removeprefix("Value error, ")
@@ -198,5 +202,29 @@ def check_recipe(config: MergeConfiguration, *, shapes: bool = True) -> None:
             given = any(model == task and parameter.name in block for _, model, block in blocks)
             if not given and parameter.name not in defaults:
                 raise RecipeError(f"{method}: model {task}: missing required parameter `{parameter.name}`")
+    if method == "fednova":
+        for task in task_models(config):
+            training_record(config, task)
     if shapes:
         check_shapes(config, task_models(config))
+
+
+def training_record(config: MergeConfiguration, model: ModelReference) -> "EffectiveSteps":
+    """FedNova's ‖a_t‖₁ for ``model`` from the recipe's values (its logs read and checked)."""
+    from fedmerge_plugins.training_record import RECORD_KEYS, TrainingRecordError, effective_steps
+
+    parameters = {p.name: p for p in registry.get("fednova").spec.parameters}
+    values: Dict[str, Any] = {}
+    for key in RECORD_KEYS:
+        setting = model_value(config, model, key)
+        if isinstance(setting, (list, ConditionalParameter)):
+            hint = f"; join several runs' paths with {os.pathsep!r}" if key == "training_log" else ""
+            raise RecipeError(
+                f"fednova: model {model}: `{key}` must be one value for the whole model "
+                f"(a list or filter is a per-layer setting in mergekit{hint})"
+            )
+        values[key] = None if setting is None else parameters[key].validate(setting)
+    try:
+        return effective_steps(values)
+    except TrainingRecordError as error:
+        raise RecipeError(f"fednova: model {model}: {error}") from None

@@ -156,6 +156,7 @@ def test_norm_override_skips_the_streaming_pass(family: Family, tmp_path: Path) 
         (lambda c: c["models"][1].update(parameters={"steps": "FILL_IN_STEPS"}), "`steps` = 'FILL_IN_STEPS' is invalid"),
         (lambda c: c.pop("tokenizer"), "math: tensor lm_head.weight has shape (97, 32), the base model (96, 32) (different vocabularies"),
         (lambda c: c.pop("base_model"), "the recipe has no `base_model:`"),
+        (lambda c: c["models"][1].update(parameters={"training_log": "/no/such/run"}), "math: `training_log`: /no/such/run: no such file or folder"),
         # a hub model that was never downloaded: the recipe is rejected before any fetch
         (lambda c: c["models"][1].update(model="nobody/not-downloaded-13b", parameters={"steps": "FILL_IN"}),
          "model nobody/not-downloaded-13b: `steps` = 'FILL_IN' is invalid"),
