@@ -27,16 +27,19 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
-import torch
-
 from fedmerge_plugins.errors import FedmergeError
 
 Unit = TypeVar("Unit")
 Result = TypeVar("Result")
 Work = Callable[[Any, Unit], Result]
 
-# numpy has no bfloat16 (nor float8): such tensors travel as integers of the same width
-_CARRIERS = {torch.bfloat16: torch.int16}
+
+
+def _carriers() -> Dict[Any, Any]:
+    """numpy has no bfloat16 (nor float8): such tensors travel as integers of the same width."""
+    import torch
+
+    return {torch.bfloat16: torch.int16}
 
 
 class WorkersError(FedmergeError):
@@ -61,6 +64,8 @@ class WorkerSettings:
     def gpus(self) -> float:
         if self.gpus_per_worker is not None:
             return self.gpus_per_worker
+        import torch
+
         return 1.0 if torch.cuda.is_available() else 0.0
 
     def check(self) -> None:
@@ -82,9 +87,11 @@ class WorkerSettings:
 def pack(value: Any) -> Any:
     """Tensors (at any depth of dicts, lists, tuples and dataclass fields) as numpy arrays
     with their dtype; everything else as it is."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         tensor = value.detach().cpu()
-        carrier = _CARRIERS.get(tensor.dtype)
+        carrier = _carriers().get(tensor.dtype)
         return _Packed((tensor.view(carrier) if carrier else tensor).numpy(), tensor.dtype)
     return _map(pack, value)
 
@@ -92,10 +99,12 @@ def pack(value: Any) -> Any:
 def unpack(value: Any) -> Any:
     """The inverse of ``pack``; arrays from Ray's object store stay shared (read-only)."""
     if isinstance(value, _Packed):
+        import torch
+
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             tensor = torch.from_numpy(value.array)
-        return tensor.view(value.dtype) if value.dtype in _CARRIERS else tensor
+        return tensor.view(value.dtype) if value.dtype in _carriers() else tensor
     return _map(unpack, value)
 
 
@@ -120,7 +129,7 @@ def _map(function: Callable[[Any], Any], value: Any) -> Any:
 @dataclass(frozen=True)
 class _Packed:
     array: Any
-    dtype: torch.dtype
+    dtype: Any  # torch.dtype
 
 
 # the shared value of the latest run, unpacked once per worker process (a Ray worker runs
@@ -199,6 +208,7 @@ def _ray_session(settings: WorkerSettings) -> Iterator[None]:
     """``ray.init`` for the settings (local: bound to 127.0.0.1, no dashboard), shut down at
     the end when this call started it; a session the caller started is left running."""
     import ray
+    import torch
 
     if ray.is_initialized():
         yield

@@ -89,6 +89,10 @@ def sweep_command(
     merges to the very same weights.
     """
     from fedmerge_plugins.cli import one_line_errors, worker_settings
+
+    settings = worker_settings(workers, ray_address, gpus_per_worker)
+    with one_line_errors(verbose):
+        settings.check()  # Ray missing: one line, before torch or mergekit is even imported
     from fedmerge_plugins.clip.sources import SourceError
     from fedmerge_plugins.evaluation.cli import backend_from_options
     from fedmerge_plugins.sweep.evaluators import load_reference, make_evaluator
@@ -125,5 +129,5 @@ def sweep_command(
             max_memory=max_memory,
             device=device,
             keep_merges=keep_merges,
-            workers=worker_settings(workers, ray_address, gpus_per_worker),
+            workers=settings,
         )

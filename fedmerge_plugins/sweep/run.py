@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -159,10 +160,20 @@ class SweepPoint:
         install(self.inputs)
         for key, norm in self.norms.items():
             CACHE.remember(key, norm)
-        merged = merge_point(point_config(self.data, point), Path(self.out) / "merges" / f"point-{point.index:04d}", self.options)
-        scores = self.evaluator.evaluate(merged)
-        if not self.keep_merges:
-            shutil.rmtree(merged)
+        name = f"point-{point.index:04d}"
+        merges = Path(self.out) / "merges"
+        merges.mkdir(parents=True, exist_ok=True)
+        # a folder of this attempt's own: an attempt still running elsewhere (a worker of a
+        # killed driver, a retried unit) never writes into it
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=merges))
+        try:
+            merged = merge_point(point_config(self.data, point), staging / name, self.options)
+            scores = self.evaluator.evaluate(merged)
+            if self.keep_merges:
+                shutil.rmtree(merges / name, ignore_errors=True)
+                os.replace(merged, merges / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return Evaluation(scores)
 
 
