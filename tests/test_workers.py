@@ -5,7 +5,7 @@ raised as itself. ``fedmerge sweep`` and the CLIP experiment: the same records a
 serial run; CCLIP's norms come from the driver (a deliberately wrong norm held in the driver's
 memory reaches the workers); a worker killed mid-sweep still gives every point once; a driver SIGKILLed
 mid-sweep resumes. One Ray session serves the whole file (module fixture), plus the one the
-killed ``fedmerge sweep --workers 2`` starts itself.
+killed ``fedmerge sweep --ray-address`` joins as a cluster.
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def local_ray(tmp_path_factory):
     # workers inherit the environment of ray.init: a norm cache of their own, never ~/.cache
     saved = os.environ.get("FEDMERGE_CACHE_DIR")
     os.environ["FEDMERGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("worker-norm-cache"))
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    yield
+    context = ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+                       configure_logging=False)
+    yield context.address_info["gcs_address"]
     ray.shutdown()
     if saved is None:
         os.environ.pop("FEDMERGE_CACHE_DIR", None)
@@ -276,25 +276,23 @@ def test_sweep_on_two_workers_equals_serial_with_the_drivers_norms_a_killed_work
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes(sweep_world, driver_norms, tmp_path):
-    """``fedmerge sweep --workers 2`` SIGKILLed once 4 points are logged; the same sweep run
-    again completes the log, every point once, with the serial scores."""
+def test_killed_driver_resumes(local_ray, sweep_world, driver_norms, tmp_path):
+    """``fedmerge sweep --ray-address`` (this file's Ray, as a cluster) SIGKILLed once 4 points
+    are logged; the same sweep run again completes the log, every point once, with the serial
+    scores. (Joining the running Ray spares the test a second Ray start.)"""
     from fedmerge_plugins.sweep.evaluators import PythonEvaluator
     from fedmerge_plugins.sweep.run import run_sweep
 
     out = tmp_path / "out"
     command = [str(BIN / "fedmerge"), "sweep", str(sweep_world["recipe"]), "--lambda", GRID, "--rho", "paper",
-               "--eval", sweep_world["spec"], "--out", str(out), "--workers", "2", "--gpus-per-worker", "0"]
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+               "--eval", sweep_world["spec"], "--out", str(out), "--ray-address", local_ray, "--gpus-per-worker", "0"]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = out / "results.jsonl"
-    try:
-        deadline = time.monotonic() + 240
-        while driver.poll() is None and time.monotonic() < deadline and (not log.exists() or log.read_text().count("\n") < 4):
-            time.sleep(0.05)
-        driver.send_signal(signal.SIGKILL)
-        _, stderr = driver.communicate(timeout=60)
-    finally:
-        end_session(driver.pid)
+    deadline = time.monotonic() + 240
+    while driver.poll() is None and time.monotonic() < deadline and (not log.exists() or log.read_text().count("\n") < 4):
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    _, stderr = driver.communicate(timeout=60)
     assert driver.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
     before = log.read_text()
     assert 4 <= before.count("\n") < 10
@@ -306,30 +304,6 @@ def test_killed_driver_resumes(sweep_world, driver_norms, tmp_path):
     after = log.read_text()
     assert after.startswith(before)  # nothing logged before the kill was redone or lost
     assert scores_of(log_records(out)) == scores_of(sweep_world["outcome"].records.values())
-
-
-def end_session(session: int) -> None:
-    """Wait for the killed driver's Ray (raylet, workers) to go as it does by itself, then
-    end what is left of that session (Ray's agents outlive the driver)."""
-    def members() -> List[int]:
-        found = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout.split("\n")
-        return [int(pid) for pid, sid in (line.split() for line in found if line.strip()) if int(sid) == session]
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any("ray::_run_remote" in _command(pid) or "raylet" in _command(pid) for pid in members()):
-        time.sleep(0.2)
-    for pid in members():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _command(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 # ---- the CLIP experiment on workers ----------------------------------------------------------
