@@ -36,6 +36,8 @@ def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
 @click.option("--limit", type=int, default=None, help="lm-eval: score at most this many items per task.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Evaluation batch size [default: lm-eval 8, CLIP 128].")
 @click.option("--allow-code-execution", is_flag=True, help="lm-eval: allow humaneval/mbpp to run model-written code.")
+@click.option("--max-gen-toks", type=click.IntRange(min=0), default=None,
+              help="lm-eval: most tokens generated per answer [default: 256]; 0 keeps each task's own (the paper's).")
 @backend_options
 @click.option("--clip-base", default=None, help="CLIP: base CLIPModel (text encoder, heads, processor) [default: openai/clip-vit-base-patch32].")
 @click.option("--finetuned", multiple=True, metavar="TASK=SRC", help="CLIP: fine-tuned vision tower of a task, for normalized accuracy (repeatable).")
@@ -63,6 +65,7 @@ def sweep_command(
     limit: Optional[int],
     batch_size: Optional[int],
     allow_code_execution: bool,
+    max_gen_toks: Optional[int],
     backend: str,
     tensor_parallel_size: int,
     data_parallel_size: int,
@@ -106,6 +109,8 @@ def sweep_command(
         lm_backend = backend_from_options(backend, device=device, batch_size=batch_size or 8, **vllm)
         options = dict(data_dir=data_dir, split=split, validation_fraction=validation_fraction, limit=limit,
                        allow_code_execution=allow_code_execution, device=device, backend=lm_backend)
+        if max_gen_toks is not None:  # only when given: the default keeps older logs' fingerprints
+            options["max_gen_toks"] = max_gen_toks or None
     elif backend != "hf" or tensor_parallel_size != 1 or data_parallel_size != 1 or gpu_memory_utilization or max_model_len:
         raise click.UsageError("--backend and the vllm settings are for --eval lm-eval only")
     elif eval_spec == "clip":
