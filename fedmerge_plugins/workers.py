@@ -34,7 +34,6 @@ Result = TypeVar("Result")
 Work = Callable[[Any, Unit], Result]
 
 
-
 def _carriers() -> Dict[Any, Any]:
     """numpy has no bfloat16 (nor float8): such tensors travel as integers of the same width."""
     import torch

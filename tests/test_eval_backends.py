@@ -149,6 +149,6 @@ def test_sweep_builds_its_backend_through_the_same_path(tmp_path, monkeypatch):
     assert seen["evaluator"].description.endswith(" backend=vllm")
     result = CliRunner().invoke(sweep_command, common, catch_exceptions=False)  # hf: the description of older logs
     assert result.exit_code == 0 and seen["evaluator"].options["backend"] == Backend(batch_size=8)
-    assert "backend" not in seen["evaluator"].description and "max_gen_toks" not in seen["evaluator"].description
+    assert "backend=" not in seen["evaluator"].description and "max_gen_toks" not in seen["evaluator"].description
     python = CliRunner().invoke(sweep_command, [str(recipe), "--lambda", "0.5", "--eval", "python:x.py:f", "--backend", "vllm"])
     assert python.exit_code == 2 and "--backend and the vllm settings are for --eval lm-eval only" in python.output

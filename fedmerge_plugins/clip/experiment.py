@@ -10,6 +10,10 @@ test. Grids (``fedmerge_plugins.grids``): λ for every method; FedGMA also ρ; C
 ρ from the subset's task-vector norms. FedNova needs each task model's steps and learning
 rate (``Training``).
 
+A subset and method's search is one unit of work (``SubsetSearch``): run here, one after
+another, or on Ray workers (``Experiment.run(WorkerSettings(workers=N))``), which get the
+towers through Ray's object store once and return their records for this process to write.
+
 Everything lands in ``<out>/results.jsonl``, one JSON object a line, appended and flushed
 as it is computed: ``kind: point`` (one grid point's validation scores, the search
 engine's record, ``group`` naming subset and method) and ``kind: result`` (a subset and
