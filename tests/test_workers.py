@@ -310,6 +310,11 @@ def test_killed_driver_resumes(local_ray, sweep_world, driver_norms, tmp_path):
 
 
 def test_clip_experiment_on_two_workers_equals_serial(local_ray, tmp_path):
+    """The serial experiment through the API, then ``fedmerge clip experiment --workers 2``:
+    the same records (the point records in another order), and a rerun adds nothing."""
+    from click.testing import CliRunner
+
+    from fedmerge_plugins.clip.cli import clip_group
     from fedmerge_plugins.clip.data import SplitSettings
     from fedmerge_plugins.clip.evaluate import Session
     from fedmerge_plugins.clip.experiment import Experiment, ExperimentSpec, Training
@@ -317,8 +322,9 @@ def test_clip_experiment_on_two_workers_equals_serial(local_ray, tmp_path):
 
     world = build_world(tmp_path / "world")
     tasks = ("mnist", "eurosat", "beta")
-    spec = ExperimentSpec(tasks=tasks, methods=("fednova", "fedgma", "cclip"), lambdas=(0.5, 1.0),
-                          fedgma_rhos=(0.5, 1.0), cclip_count=2, training={t: Training(*v) for t, v in world.training.items()})
+    methods = ("task_arithmetic", "fednova", "fedgma", "cclip")
+    spec = ExperimentSpec(tasks=tasks, methods=methods, lambdas=(0.5, 1.0), fedgma_rhos=(0.5, 1.0), cclip_count=2,
+                          training={t: Training(*v) for t, v in world.training.items()})
     finetuned = {t: str(world.towers[t]) for t in tasks}
 
     def run(out: Path, workers: WorkerSettings) -> List[Dict]:
@@ -327,14 +333,22 @@ def test_clip_experiment_on_two_workers_equals_serial(local_ray, tmp_path):
         return Experiment(session, spec, finetuned, out, progress=False).run(workers)
 
     serial = run(tmp_path / "serial", WorkerSettings())
-    distributed = run(tmp_path / "ray", TWO)
-    assert len(serial) == 4 * 3 and distributed == serial  # every subset × method, in work order
+    training = tmp_path / "training.json"
+    training.write_text(json.dumps({t: {"steps": s, "learning_rate": lr} for t, (s, lr) in world.training.items()}))
+    args = ["experiment", "--base", str(world.base), "--data-dir", str(world.data), "--tasks", ",".join(tasks),
+            *[a for t in tasks for a in ("--model", f"{t}={world.towers[t]}")], "--out", str(tmp_path / "ray"),
+            "--training", str(training), "--val-fraction", "0.5", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+            "--methods", ",".join(methods), "--lambdas", "0.5,1.0", "--rhos", "0.5,1.0", "--cclip-count", "2",
+            "--workers", "2", "--gpus-per-worker", "0"]
+    result = CliRunner().invoke(clip_group, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert len(serial) == 4 * 4  # every subset × method
     assert without(r for r in log_records(tmp_path / "ray") if r["kind"] == "point") == without(
         r for r in log_records(tmp_path / "serial") if r["kind"] == "point"
     )
     results = [r for r in log_records(tmp_path / "ray") if r["kind"] == "result"]
     assert sorted(map(json.dumps, results)) == sorted(map(json.dumps, serial))
-    again = run(tmp_path / "ray", TWO)  # resumed: nothing left to do, nothing added
+    again = run(tmp_path / "ray", TWO)  # resumed: nothing left to do, nothing added; in work order
     assert again == serial and len(log_records(tmp_path / "ray")) == len(log_records(tmp_path / "serial"))
 
 
