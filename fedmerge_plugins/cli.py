@@ -35,7 +35,7 @@ def one_line_errors(verbose: bool = False) -> Iterator[None]:
 
 _WORKER_OPTIONS = (
     click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-                 help="Score on a local Ray of N workers (bound to 127.0.0.1); 0: in this process. Needs pip install 'fedmerge[ray]'."),
+                 help="Score on a local Ray of N workers (listening on 127.0.0.1 only); 0: in this process. Needs pip install 'fedmerge[ray]'."),
     click.option("--ray-address", metavar="ADDR", help="Score on the workers of a running Ray cluster (e.g. auto, or HOST:6379) instead."),
     click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
                  help="GPUs each worker takes [default: 1 when this machine has CUDA GPUs, else 0]."),

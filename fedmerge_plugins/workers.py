@@ -6,7 +6,7 @@ alone writes logs, so a resumed search reads one file. Results arrive in complet
 callers that select a winner do so by grid order, so the outcome does not depend on the
 number of workers. ``WorkerSettings()`` (the default) runs the units here, one after another.
 
-With Ray (``--workers N``: a local Ray of N workers on 127.0.0.1; ``--ray-address ADDR``: an
+With Ray (``--workers N``: a local Ray of N workers on 127.0.0.1 (see ``import_ray``); ``--ray-address ADDR``: an
 existing cluster), ``shared`` is put into Ray's object store once; every worker of a node
 maps the same copy. Tensors travel as numpy arrays (bfloat16 and other dtypes numpy lacks as
 same-width integer views) and come back as read-only torch views, never copied; a worker
@@ -22,6 +22,8 @@ import contextlib
 import copy
 import dataclasses
 import importlib.util
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,6 +41,22 @@ def _carriers() -> Dict[Any, Any]:
     import torch
 
     return {torch.bfloat16: torch.int16}
+
+
+# Ray (2.60 here) turns a node address of 127.0.0.1 into the machine's network address and
+# listens there; in its single-machine mode (the one it uses on macOS and Windows) it stays on
+# loopback. A local Ray started by fedmerge runs in that mode, unless the variable is set.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def import_ray(settings: "WorkerSettings") -> Any:
+    """``ray``, imported so that a local session listens on 127.0.0.1 only (when this process
+    has not imported Ray before: the mode is read once, at import)."""
+    if settings.ray_address is None and "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+    import ray
+
+    return ray
 
 
 class WorkersError(FedmergeError):
@@ -176,7 +194,7 @@ def run_units(work: Work, shared: Any, units: Sequence[Unit], settings: WorkerSe
         for unit in units:
             yield (unit, *_timed(work, shared, unit))
         return
-    import ray
+    ray = import_ray(settings)
     from ray.exceptions import RayTaskError
 
     with _ray_session(settings):

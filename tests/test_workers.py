@@ -22,9 +22,10 @@ import pytest
 import torch
 
 from fedmerge_plugins.errors import FedmergeError
-from fedmerge_plugins.workers import WorkerSettings, WorkersError, pack, run_units, unpack
+from fedmerge_plugins.workers import LOOPBACK_ENV, WorkerSettings, WorkersError, pack, run_units, unpack
 from tests.conftest import BIN
 
+os.environ.setdefault(LOOPBACK_ENV, "0")  # as workers.import_ray does: this file's Ray on loopback only
 ray = pytest.importorskip("ray")
 
 TWO = WorkerSettings(workers=2, gpus_per_worker=0)
