@@ -89,6 +89,11 @@ class NormCache:
                 json.dump(entries, handle, indent=1)
             os.replace(tmp, self.path)
 
+    def remember(self, key: str, norm: float) -> None:
+        """Hold a norm computed elsewhere (a search's driver) in memory only."""
+        with self._lock:
+            self._memory[key] = float(norm)
+
     def clear_memory(self) -> None:
         with self._lock:
             self._memory.clear()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -27,12 +28,13 @@ from mergekit.options import MergeOptions
 from tqdm.auto import tqdm
 
 
+@dataclass
 class MemoryLoader:
-    """A ``LazyTensorLoader`` look-alike over tensors already in memory."""
+    """A ``LazyTensorLoader`` look-alike over tensors already in memory (a dataclass, so
+    that ``workers.pack`` ships its tensors through Ray's object store)."""
 
-    def __init__(self, index: ShardedTensorIndex, tensors: Dict[str, torch.Tensor]) -> None:
-        self.index = index
-        self.tensors = tensors
+    index: ShardedTensorIndex
+    tensors: Dict[str, torch.Tensor]
 
     def get_tensor(
         self, key: str, device: str = "cpu", aliases: Optional[List[str]] = None, raise_on_missing: bool = True
@@ -70,7 +72,7 @@ def inputs_in_memory(models: Sequence[ModelReference], options: MergeOptions) ->
     try:
         for model in models:
             loaders[model] = read_checkpoint(model)
-            cache.loaders[model] = loaders[model]  # type: ignore[assignment]
+            install({model: loaders[model]})
         yield loaders
     finally:
         for model, loader in saved.items():
@@ -79,6 +81,15 @@ def inputs_in_memory(models: Sequence[ModelReference], options: MergeOptions) ->
             else:
                 cache.loaders[model] = loader
         loaders.clear()
+
+
+def install(loaders: Dict[ModelReference, MemoryLoader]) -> None:
+    """Let mergekit load ``loaders``' models from them (on a Ray worker, once: afterwards
+    each is already in place)."""
+    cache = LoaderCache()
+    for model, loader in loaders.items():
+        if cache.loaders.get(model) is not loader:
+            cache.loaders[model] = loader  # type: ignore[assignment]
 
 
 def memory_norms(base: ModelReference, tasks: Sequence[ModelReference], loaders: Dict[ModelReference, MemoryLoader]) -> List[float]:
