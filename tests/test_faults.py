@@ -6,6 +6,7 @@ merges that should succeed give the float64 formula's weights."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -74,7 +75,6 @@ def recipe(family: Family, models: List[Path], method: str = "median", tokenizer
         "base_model": str(family.base),
         "models": [{"model": str(m)} for m in models],
         "parameters": {"lambda": 1.0, **parameters},
-        "dtype": "float32",
     }
     if tokenizer:
         data["tokenizer"] = {"source": "base"}
@@ -95,7 +95,8 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     """Exit 1, no traceback, and exactly one line on stderr (progress bars aside): 'Error: …'."""
     assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", result.stderr).replace("\r", "\n")  # progress bars' cursor moves
+    lines = [line for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("Error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0], lines[-10:]
     assert all("%|" in line for line in lines[:-1]), lines  # besides it, only progress bars
