@@ -398,7 +398,8 @@ def test_sigkill_never_leaves_a_loadable_folder(family: Family, tmp_path: Path, 
     try:
         deadline = time.monotonic() + 240
         while process.poll() is None and time.monotonic() < deadline:
-            found = [f for folder in staged(tmp_path, "out") if folder.is_dir() for f in os.listdir(folder)]
+            folders = [tmp_path / "out", *staged(tmp_path, "out")]  # wherever mergekit writes
+            found = [f for folder in folders if folder.is_dir() for f in os.listdir(folder)]
             seen = found
             if any(f.startswith(moment) for f in found):
                 process.send_signal(signal.SIGKILL)
