@@ -102,7 +102,8 @@ def checkpoint_shapes(model: ModelReference) -> Dict[str, Shape]:
                 f"model {model}: weight file {os.path.join(index.base_path, shard.filename)} lacks tensor "
                 f"{missing[0]}, which its index lists"
             )
-        shapes.update({name: found[name] for name in shard.contained_keys})
+        listed = set(shard.contained_keys)
+        shapes.update({name: shape for name, shape in found.items() if name in listed})
     return shapes
 
 
