@@ -144,6 +144,9 @@ def test_vocabulary_axis_needs_a_tokenizer_setting(family: Family, odd: Dict[str
                        r"\(96, 32\) \(different vocabularies: add `tokenizer: \{source: base\}`\)"):
         check_recipe(config_of(data))
     check_recipe(config_of({**data, "tokenizer_source": "base"}))  # the older spelling counts too
+    from mergekit.options import MergeOptions
+
+    check_recipe(config_of(data), options=MergeOptions(unsafe_truncate_embeddings=True))  # mergekit truncates
 
 
 def test_bin_shapes_are_read_without_loading_weights(odd: Dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
