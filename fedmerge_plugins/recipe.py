@@ -4,8 +4,9 @@ mergekit ignores parameter keys a method does not declare and reports bad values
 naming the model, so a typo such as ``learning_rte`` would silently merge with the
 default. ``check_recipe`` rejects, naming the model and key: unknown keys, shared
 parameters set per model, missing required values (fednova's ``steps``), placeholders
-left in a recipe, values out of range, a missing base model, and tensor shapes that
-differ from the base's (read from safetensors headers). ``fedmerge_plugins.mergekit_hooks``
+left in a recipe, values out of range, a missing base model; ``check_inputs`` adds models
+that do not exist (``model_sources``) and weight files or tensor shapes that cannot merge
+(``shapes``, from the headers). ``fedmerge_plugins.mergekit_hooks``
 runs the recipe-only checks at the start of ``run_merge`` (before any model is resolved or
 downloaded) and all of them, shapes included, when ``MergePlanner`` starts (before any
 output exists).

@@ -5,9 +5,10 @@ the output folder, and nothing marks a finished merge: a merge killed after
 ``config.json`` leaves a folder that loads as a model. ``staged_output`` gives mergekit a
 hidden folder next to the output (``.NAME.fedmerge-partial-PID-*/NAME``, so the model
 card's name is unchanged) and, when the merge returns, moves it into place with one
-``rename``. Into an existing output folder, its ``config.json`` is removed first, the new
-files are moved in, and the new ``config.json`` comes last, so at no moment does the folder
-hold a config next to weights of another merge. A merge that fails removes its staging
+``rename``. Into an existing output folder, its ``config.json`` and the weight files the new
+merge does not replace are removed first, the new files are moved in, and the new
+``config.json`` comes last, so at no moment does the folder hold a config next to weights
+of another merge. A merge that fails removes its staging
 folder (partial shards included); one that is killed leaves it hidden, and the next merge
 to the same path removes it once its process is gone.
 """
@@ -26,6 +27,7 @@ from fedmerge_plugins.errors import FedmergeError
 
 CONFIG = "config.json"
 PARTIAL = ".fedmerge-partial-"
+WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 
 
 class OutputError(FedmergeError):
@@ -72,6 +74,9 @@ def publish(stage: Path, final: Path) -> None:
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(final / CONFIG)
+    for entry in final.iterdir():  # another merge's weights would mix with these (its shards, its index)
+        if WEIGHT_FILE.match(entry.name) and not (stage / entry.name).exists():
+            entry.unlink()
     for entry in sorted(stage.iterdir()):
         if entry.name != CONFIG:
             _replace(entry, final / entry.name)

@@ -423,13 +423,16 @@ def test_sigkill_never_leaves_a_loadable_folder(family: Family, tmp_path: Path, 
 
 
 def test_merge_into_an_existing_folder_replaces_it_config_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A second merge into the same folder: the old config is gone before new files arrive."""
+    """A second merge into the same folder: the old config and the old merge's other weight
+    files (shards, index) are gone before new files arrive; other files stay."""
     from fedmerge_plugins import staging
 
     final = tmp_path / "out"
     final.mkdir()
     (final / "config.json").write_text("{}")
     (final / "model.safetensors").write_text("old")
+    (final / "model-00002-of-00002.safetensors").write_text("old shard")
+    (final / "model.safetensors.index.json").write_text("old index")
     (final / "notes.txt").write_text("kept")
     stage = tmp_path / "stage"
     stage.mkdir()
@@ -447,4 +450,5 @@ def test_merge_into_an_existing_folder_replaces_it_config_last(tmp_path: Path, m
     monkeypatch.undo()
     assert order == [("model.safetensors", False), ("config.json", False)]
     assert (final / "model.safetensors").read_text() == "new" and (final / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
     assert (final / "config.json").read_text() == '{"new": 1}'
