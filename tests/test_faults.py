@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from safetensors.torch import load_file, save_file
 
-from fedmerge_plugins.errors import InputError, RecipeError
+from fedmerge_plugins.errors import RecipeError
 from fedmerge_plugins.recipe import check_recipe
 from fedmerge_plugins.synthetic import (
     Family,
@@ -35,7 +34,6 @@ from fedmerge_plugins.synthetic import (
 from tests.conftest import BIN
 
 pytestmark = pytest.mark.slow
-VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 MLP = "model.layers.0.mlp.down_proj.weight"  # the first tensor, by name, that an MLP width changes
 
 
