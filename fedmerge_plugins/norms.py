@@ -30,6 +30,8 @@ from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 from tqdm.auto import tqdm
 
+from fedmerge_plugins.errors import NonFiniteError
+
 LOG = logging.getLogger(__name__)
 CACHE_VERSION = 1
 FileIdentity = Tuple[str, int, int]
@@ -123,7 +125,7 @@ def squared_distance(name: str, base: torch.Tensor, model: torch.Tensor, model_l
     dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
     delta = torch.sub(model.to(dtype), base.to(dtype))
     if not bool(torch.isfinite(delta).all()):
-        raise ValueError(f"model {model_label} has NaN or inf values in tensor {name}")
+        raise NonFiniteError(f"model {model_label} has NaN or inf values in tensor {name}")
     return float(torch.linalg.vector_norm(delta)) ** 2
 
 

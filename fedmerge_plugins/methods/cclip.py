@@ -7,6 +7,7 @@ from typing import Any, Callable, Hashable, List, Optional, Sequence
 import torch
 from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, TensorGroup
 
+from fedmerge_plugins.errors import NonFiniteError
 from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, weighted_task_sum
 from fedmerge_plugins.params import LAMBDA, ClipRho, Norm, per_model, shared
 
@@ -57,7 +58,10 @@ class CClipMerge(GroupMergeMethod):
                 f"cclip: no task-vector norm for model {model!r}: pass the per-model parameter "
                 "`norm` (fedmerge_plugins.norms.state_dict_norms computes it from state dicts)"
             )
-        return self.norm_provider(group.base.id, model, group.base.tensor.device)
+        try:
+            return self.norm_provider(group.base.id, model, group.base.tensor.device)
+        except NonFiniteError as error:  # the streaming norm met a NaN: say which method stopped
+            raise NonFiniteError(f"cclip: {error}") from None
 
 
 cclip_merge = CClipMerge()

@@ -105,16 +105,14 @@ def disk_norms(base: ModelReference, tasks: Sequence[ModelReference], device: st
     return recipe_norms(base, tasks, device=device)
 
 
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
-
-
 def merge_options(base: ModelReference, device: str = "cpu") -> MergeOptions:
     """mergekit-yaml's defaults, quiet, without a model card, and copying the base's
     tokenizer only where it has one (a CLIP vision tower has none)."""
+    from fedmerge_plugins.model_folder import has_tokenizer
     from fedmerge_plugins.norms import model_index
 
     folder = Path(model_index(base).base_path)
-    copy_tokenizer = any((folder / name).exists() for name in TOKENIZER_FILES)
+    copy_tokenizer = has_tokenizer(folder)
     return MergeOptions(device=device, write_model_card=False, quiet=True, copy_tokenizer=copy_tokenizer)
 
 
