@@ -92,10 +92,12 @@ def open_log(out: Path, plan: SweepPlan, evaluator: Evaluator, reference: Option
 
 
 def _cached_norms(base, tasks) -> Optional[List[float]]:
-    from fedmerge_plugins.norms import CACHE, cache_key, model_index
+    from fedmerge_plugins.norm_cache import CACHE, cache_key
+    from fedmerge_plugins.norms import model_index
 
-    found = [CACHE.get(cache_key(model_index(base), model_index(task))) for task in tasks]
-    return None if any(n is None for n in found) else [float(n) for n in found]
+    keys = [cache_key(model_index(base), model_index(task)) for task in tasks]
+    found = CACHE.lookup(keys)
+    return [found[key] for key in keys] if all(key in found for key in keys) else None
 
 
 def choose_mode(mode: str, models: List, max_memory: Optional[int], echo: Callable[[str], None]) -> str:
