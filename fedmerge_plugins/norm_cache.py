@@ -102,12 +102,17 @@ class NormCache:
 
     # ---- reading --------------------------------------------------------------------
 
-    def _warn(self, path: Path, reason: str) -> None:
+    def _warn(self, path: Path, reason: str, writing: bool = False) -> None:
+        """One warning line per cache file and process; later problems go to the debug log."""
+        if writing:
+            message = f"fedmerge: norm cache {path} not updated: {reason}; new norms are kept in this process only"
+        else:
+            message = f"fedmerge: norm cache {path}: {reason}; ignored, the norms it lacks are computed in this process"
         if str(path) in self._warned:
-            LOG.debug("fedmerge: norm cache %s: %s", path, reason)
+            LOG.debug("%s", message)
             return
         self._warned.add(str(path))
-        LOG.warning("fedmerge: norm cache %s not used: %s; norms are computed in this process", path, reason)
+        LOG.warning("%s", message)
 
     def _load(self, path: Path) -> Dict[str, object]:
         """The raw entries of ``path`` ({} if it does not exist); raises CacheProblem."""
@@ -136,10 +141,10 @@ class NormCache:
             self._warn(path, str(problem))
             return {}
         valid = {key: norm for key, entry in entries.items() if (norm := valid_norm(entry)) is not None}
-        if len(valid) != len(entries):
-            bad = next(key for key in entries if key not in valid)
-            self._warn(path, f"{len(entries) - len(valid)} invalid entr{'y' if len(entries) - len(valid) == 1 else 'ies'}"
-                       f" (e.g. {bad[:12]}…: {json.dumps(entries[bad])[:60]}), recomputed")
+        invalid = [key for key in entries if key not in valid]
+        if invalid:
+            example = json.dumps(entries[invalid[0]])[:60]
+            self._warn(path, f"{len(invalid)} invalid entr{'y' if len(invalid) == 1 else 'ies'} (e.g. {invalid[0][:12]}: {example})")
         return valid
 
     def lookup(self, keys: Iterable[str]) -> Dict[str, float]:
@@ -170,7 +175,7 @@ class NormCache:
                 self._write(self._unsaved)
                 self._unsaved = {}
             except CacheProblem as problem:
-                self._warn(self.path, str(problem))
+                self._warn(self.path, str(problem), writing=True)
 
     def _write(self, new: Dict[str, dict]) -> None:
         path = self.path
