@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, Mapping, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 if TYPE_CHECKING:  # this module imports neither torch nor mergekit
     from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
@@ -63,8 +63,16 @@ def checkpoint_identity(index: ShardedTensorIndex) -> Tuple[FileIdentity, ...]:
 
 
 def cache_key(base: ShardedTensorIndex, model: ShardedTensorIndex) -> str:
-    payload = json.dumps([CACHE_VERSION, checkpoint_identity(base), checkpoint_identity(model)])
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return cache_keys(base, [model])[0]
+
+
+def cache_keys(base: ShardedTensorIndex, models: Sequence[ShardedTensorIndex]) -> List[str]:
+    """The key of each (base, model) pair; the base's files are looked at once."""
+    base_identity = checkpoint_identity(base)
+    return [
+        hashlib.sha256(json.dumps([CACHE_VERSION, base_identity, checkpoint_identity(model)]).encode()).hexdigest()
+        for model in models
+    ]
 
 
 def valid_norm(entry: object) -> Optional[float]:

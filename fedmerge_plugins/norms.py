@@ -29,7 +29,7 @@ from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 from tqdm.auto import tqdm
 
-from fedmerge_plugins.norm_cache import CACHE, NormCache, cache_key
+from fedmerge_plugins.norm_cache import CACHE, NormCache, cache_keys
 
 LOG = logging.getLogger(__name__)
 _PASS_LOCK = threading.Lock()  # mergekit may run tasks in threads: one norm pass at a time
@@ -113,7 +113,7 @@ def resolve_norms(
 ) -> Tuple[List[float], List[bool]]:
     """(norms, cached flags): cached norms looked up in one read of the cache, the others
     computed by ``compute(missing model positions)`` and stored together in one write."""
-    keys = [cache_key(base, index) for index in models]
+    keys = cache_keys(base, models)
     known = cache.lookup(keys)
     missing = [t for t, key in enumerate(keys) if key not in known and key not in keys[:t]]
     found: Dict[str, float] = dict(known)

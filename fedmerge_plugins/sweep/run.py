@@ -92,10 +92,10 @@ def open_log(out: Path, plan: SweepPlan, evaluator: Evaluator, reference: Option
 
 
 def _cached_norms(base, tasks) -> Optional[List[float]]:
-    from fedmerge_plugins.norm_cache import CACHE, cache_key
+    from fedmerge_plugins.norm_cache import CACHE, cache_keys
     from fedmerge_plugins.norms import model_index
 
-    keys = [cache_key(model_index(base), model_index(task)) for task in tasks]
+    keys = cache_keys(model_index(base), [model_index(task) for task in tasks])
     found = CACHE.lookup(keys)
     return [found[key] for key in keys] if all(key in found for key in keys) else None
 
