@@ -50,10 +50,15 @@ def shared_rows(name: str, base: torch.Tensor, model: torch.Tensor, model_label:
     return base.narrow(axis, 0, rows), model.narrow(axis, 0, rows)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms are summed in: float64 for a float64 base, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def squared_distance(name: str, base: torch.Tensor, model: torch.Tensor, model_label: str) -> float:
     """‖model − base‖² of one tensor, in float32 (float64 for float64), checked finite."""
     base, model = shared_rows(name, base, model, model_label)
-    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(base.dtype)
     delta = torch.sub(model.to(dtype), base.to(dtype))
     if not bool(torch.isfinite(delta).all()):
         raise ValueError(f"model {model_label} has NaN or inf values in tensor {name}")
@@ -100,6 +105,7 @@ def stream_norms(
         base_tensor = base.get_tensor(name, device=str(device))
         if not base_tensor.is_floating_point():
             continue
+        base_tensor = base_tensor.to(compute_dtype(base_tensor.dtype))  # once for all models: exact
         for t in present:
             sums.add(t, name, base_tensor, models[t].get_tensor(name, device=str(device)))
     return sums.norms()
