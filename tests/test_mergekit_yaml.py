@@ -122,7 +122,7 @@ def test_cclip_clips_the_outlier_by_its_global_norm_and_caches_it(family: Family
     config = recipe(family, "cclip", models, {"lambda": 0.9, "rho": rho})
     first = mergekit_yaml(config, tmp_path, "first")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stderr.count("task-vector norm of") >= 3  # progress of the streaming pass
+    assert "task-vector norm of 3 model(s)" in first.stderr  # progress of the one streaming pass for all three
     expected = {
         name: family.base_tensors[name].double() + 0.9 * sum(t * min(1.0, rho / n) for t, n in zip(v, norms))
         for name, v in tau.items()

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from fedmerge_plugins.norms import cache_dir
+from fedmerge_plugins.norm_cache import cache_dir
 
 
 def clip_cache_dir(override: Optional[Path] = None) -> Path:

@@ -6,8 +6,9 @@ that stands in for mergekit's loader of that model for the whole sweep; every po
 runs the unchanged ``run_merge`` (dtype casts, vocabulary alignment, the method kernel,
 output dtype, shards, config and tokenizer), so a point's output is, bit for bit, what
 ``mergekit-yaml`` writes for the point's recipe. CCLIP's global norms are computed from
-the same in-memory tensors by ``norms.stream_norm`` and stored in the norm cache under the
-checkpoint's key, where the kernel (and a later ``mergekit-yaml``) finds them.
+the same in-memory tensors by the norm pass (``norms.loader_norms``, all task models in
+one pass) and stored in the norm cache under the checkpoints' keys, where the kernel (and
+a later ``mergekit-yaml``) finds them.
 
 In disk mode nothing is held: ``run_merge`` reads the checkpoints for every point.
 """
@@ -94,15 +95,15 @@ def install(loaders: Dict[ModelReference, MemoryLoader]) -> None:
 
 def memory_norms(base: ModelReference, tasks: Sequence[ModelReference], loaders: Dict[ModelReference, MemoryLoader]) -> List[float]:
     """CCLIP's global norms from the in-memory tensors, cached under the checkpoints' keys."""
-    from fedmerge_plugins.norms import loader_norm
+    from fedmerge_plugins.norms import loader_norms
 
-    return [loader_norm(loaders[base], loaders[task], model_label=str(task)) for task in tasks]  # type: ignore[arg-type]
+    return loader_norms(loaders[base], [loaders[task] for task in tasks], labels=[str(task) for task in tasks])  # type: ignore[arg-type, list-item]
 
 
 def disk_norms(base: ModelReference, tasks: Sequence[ModelReference], device: str = "cpu") -> List[float]:
-    from fedmerge_plugins.norms import recipe_norms
+    from fedmerge_plugins.norms import reference_norms
 
-    return recipe_norms(base, tasks, device=device)
+    return reference_norms(base, tasks, device=device)
 
 
 def merge_options(base: ModelReference, device: str = "cpu") -> MergeOptions:

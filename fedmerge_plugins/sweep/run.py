@@ -96,16 +96,18 @@ def open_log(out: Path, plan: SweepPlan, evaluator: Evaluator, reference: Option
 
 def _norm_keys(base, tasks) -> List[str]:
     """The norm-cache key of each task model's norm against ``base``."""
-    from fedmerge_plugins.norms import cache_key, model_index
+    from fedmerge_plugins.norm_cache import cache_keys
+    from fedmerge_plugins.norms import model_index
 
-    return [cache_key(model_index(base), model_index(task)) for task in tasks]
+    return cache_keys(model_index(base), [model_index(task) for task in tasks])
 
 
 def _cached_norms(base, tasks) -> Optional[List[float]]:
-    from fedmerge_plugins.norms import CACHE
+    from fedmerge_plugins.norm_cache import CACHE
 
-    found = [CACHE.get(key) for key in _norm_keys(base, tasks)]
-    return None if any(n is None for n in found) else [float(n) for n in found]
+    keys = _norm_keys(base, tasks)
+    found = CACHE.lookup(keys)
+    return [found[key] for key in keys] if all(key in found for key in keys) else None
 
 
 def choose_mode(mode: str, models: List, max_memory: Optional[int], echo: Callable[[str], None]) -> str:
@@ -152,7 +154,7 @@ class SweepPoint:
     workdir: str = field(default_factory=os.getcwd)
 
     def __call__(self, point: Point) -> Evaluation:
-        from fedmerge_plugins.norms import CACHE
+        from fedmerge_plugins.norm_cache import CACHE
         from fedmerge_plugins.sweep.merger import install, merge_point
 
         if os.getcwd() != self.workdir:
