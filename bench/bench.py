@@ -65,6 +65,7 @@ AGREEMENT_RHO = 0.5  # fedgma
 SWEEP_LAMBDAS = "0.05:1.0:0.05"  # 20 points
 SWEEP_POINTS = 20
 MEMORY_INTERVAL_S = 0.05  # smaps_rollup sampling period
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 MARKER = "<!-- Notes below this line are kept when bench.py regenerates this file. -->"
 
 
@@ -295,6 +296,7 @@ class Runner:
         self.warm_cache = work / "norms-warm"
         self.runs = 0
         self.interval = MEMORY_INTERVAL_S
+        self.drop_caches = False  # empty the page cache before every run: inputs come from disk
 
     def command(self, variant: Variant, out: Path) -> List[str]:
         if variant.kind == "startup":
@@ -324,6 +326,8 @@ class Runner:
         if cache is not None:
             env["FEDMERGE_CACHE_DIR"] = str(cache)
         before = norm_file_state(cache)
+        if self.drop_caches:
+            drop_page_cache()
         sample = run_child(self.command(variant, out), env, self.work / f"{variant.name}.log", self.interval)
         if cache is not None:
             check_norm_cache(variant, cache, before)
@@ -332,6 +336,12 @@ class Runner:
         shutil.rmtree(out, ignore_errors=True)
         os.sync()  # the next run must not pay for this one's write-back
         return sample
+
+
+def drop_page_cache() -> None:
+    """Write back dirty pages, then drop the clean page cache (needs root; Linux only)."""
+    os.sync()
+    DROP_CACHES.write_text("1\n")
 
 
 def norm_file_state(cache: Optional[Path]) -> Optional[int]:
@@ -629,8 +639,11 @@ def markdown(report: dict) -> str:
         " `--mode memory` (inputs read once), a trivial evaluator (the merged files' size); each point is a full"
         " `run_merge` written to disk, as for a real evaluator. Its ratio is to one `mergekit-yaml` merge of the recipe.",
         f"- {report['warmup']} untimed warm-up round(s), then {report['repeat']} timed rounds, interleaved"
-        f" (every variant once per round, same order). Inputs stay in the page cache ({m['ram_gib']} GiB RAM)"
-        " unless they exceed it; each output is deleted and `sync`ed after its run, outside the timing.",
+        f" (every variant once per round, same order). "
+        + ("The page cache is dropped before every run (`--drop-caches`): every input is read from disk."
+           if report.get("drop_caches") else
+           f"Inputs stay in the page cache ({m['ram_gib']} GiB RAM) unless they exceed it.")
+        + " Each output is deleted and `sync`ed after its run, outside the timing.",
         "",
         "## Merges (whole processes; medians)",
         "",
@@ -726,6 +739,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "fedmerge-bench", help="where checkpoints are kept"
     )
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="drop the page cache before every run (root): a disk-bound, cold-cache bench")  # fmt: skip
     parser.add_argument("--output-dir", type=Path, default=HERE, help="where RESULTS.md and results.json go")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.warmup < 0 or args.startup_runs < 0 or args.plugin_runs < 0 or args.memory_interval <= 0:
@@ -736,6 +751,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     inputs = ensure_checkpoints(args.cache_dir, args.size)
+    if args.drop_caches:
+        try:
+            drop_page_cache()
+        except OSError as error:
+            raise SystemExit(f"--drop-caches: cannot write {DROP_CACHES} ({error.strerror}): run as root, or without it")
     every = variants(inputs)
     if args.variants == "all":
         chosen = every
@@ -749,6 +769,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="work-", dir=args.cache_dir) as work:
         runner = Runner(inputs, Path(work))
         runner.interval = args.memory_interval
+        runner.drop_caches = args.drop_caches
         samples = run_interleaved(runner, chosen, args.repeat, args.warmup)
     startup = measure_startup(args.startup_runs, args.plugin_runs)
     loads = [s.load for runs in samples.values() for s in runs]
@@ -765,6 +786,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "repeat": args.repeat,
         "warmup": args.warmup,
         "memory_interval_s": args.memory_interval,
+        "drop_caches": args.drop_caches,
         "load": {"median": statistics.median(loads), "min": min(loads), "max": max(loads)},
         "rows": summarize(chosen, samples),
         "startup": startup,
