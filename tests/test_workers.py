@@ -187,7 +187,7 @@ GRID = "0.4,0.8"  # × CCLIP's five ρ: 10 points
 
 
 def put_norms(keys: List[str], norms: List[float]) -> None:
-    from fedmerge_plugins.norms import CACHE
+    from fedmerge_plugins.norm_cache import CACHE
 
     for key, norm in zip(keys, norms):
         CACHE.put(key, norm)
@@ -199,7 +199,8 @@ def sweep_world(local_ray, family, tmp_path_factory):
     outlier's norm halved (a common factor would change nothing: ρ's grid scales with it)."""
     from mergekit.common import ModelReference
 
-    from fedmerge_plugins.norms import CACHE, cache_key, model_index, state_dict_norms
+    from fedmerge_plugins.norm_cache import CACHE, cache_key
+    from fedmerge_plugins.norms import model_index, state_dict_norms
     from fedmerge_plugins.sweep.evaluators import PythonEvaluator
     from fedmerge_plugins.sweep.run import run_sweep
 
