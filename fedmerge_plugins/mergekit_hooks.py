@@ -4,9 +4,11 @@
 the recipe-only checks, the models' existence and their weight files' headers at the start
 of ``run_merge`` (before any model is resolved or downloaded), all of them, shapes
 included, when ``MergePlanner`` starts (before any output exists); the merge itself is
-written to a staging folder that becomes the output only when complete. This module is the boundary to mergekit's click command: inside ``mergekit-yaml``
-(a click context is active) a ``FedmergeError`` becomes a one-line click error; called from
-Python, the ``RecipeError`` itself propagates.
+written to a staging folder that becomes the output only when complete.
+
+This module is the boundary to mergekit's click command: inside ``mergekit-yaml`` (a click
+context is active) a ``FedmergeError`` becomes a one-line click error; called from Python,
+the error itself (``RecipeError``, ``InputError``, ``NonFiniteError``…) propagates.
 """
 
 from __future__ import annotations
