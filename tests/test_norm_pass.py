@@ -14,15 +14,14 @@ from typing import List
 import pytest
 import torch
 from mergekit.common import ModelReference
-from mergekit.config import MergeConfiguration
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
-from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from safetensors.torch import save_file
 
 from fedmerge_plugins import norms
 from fedmerge_plugins.norm_cache import CACHE, NormCache, cache_key
 from fedmerge_plugins.synthetic import Family, make_family
+from tests.test_norm_cache import cclip_merge
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +101,7 @@ def test_a_cold_cclip_merge_reads_the_base_once_and_each_task_model_once_for_nor
     family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counter = ReadCounter(monkeypatch)
-    config = MergeConfiguration.model_validate(
-        {
-            "merge_method": "cclip",
-            "base_model": str(family.base),
-            "models": [{"model": str(p)} for p in family.tasks],
-            "parameters": {"rho": 1.0, "lambda": 1.0},
-            "tokenizer": {"source": "base"},
-        }
-    )
-    run_merge(config, str(tmp_path / "out"), MergeOptions(write_model_card=False, quiet=True))
+    cclip_merge(family, tmp_path / "out")
     tensors = len(family.base_tensors)
     assert counter.passes == 1
     assert counter.per_checkpoint(counter.norm_pass) == {"base": [1], "task0": [1], "task1": [1], "task2": [1]}
