@@ -7,8 +7,8 @@ is imported here. When a watched mergekit module is imported, the finder lets th
 machinery find and execute it, then calls the fedmerge hook for it:
 
 - ``mergekit.merge_methods.registry``: register fednova, fedgma, median and cclip;
-- ``mergekit.merge``: check fedmerge recipes (unknown keys, bad values) before any model
-  is resolved or downloaded;
+- ``mergekit.merge``: check recipes and input models before any model is resolved or
+  downloaded, and write the merge to a staging folder published only when complete;
 - ``mergekit.plan``: the same checks plus tensor shapes, before anything is planned.
 """
 

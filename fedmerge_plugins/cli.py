@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import click
 
@@ -31,6 +31,30 @@ def one_line_errors(verbose: bool = False) -> Iterator[None]:
         if verbose:
             raise
         raise click.ClickException(str(error)) from None
+
+
+_WORKER_OPTIONS = (
+    click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Score on a local Ray of N workers (listening on 127.0.0.1 only); 0: in this process. Needs pip install 'fedmerge[ray]'."),
+    click.option("--ray-address", metavar="ADDR", help="Score on the workers of a running Ray cluster (e.g. auto, or HOST:6379) instead."),
+    click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+                 help="GPUs each worker takes [default: 1 when this machine has CUDA GPUs, else 0]."),
+)
+
+
+def worker_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--workers``, ``--ray-address`` and ``--gpus-per-worker``, for every command that
+    runs a search."""
+    for option in reversed(_WORKER_OPTIONS):
+        command = option(command)
+    return command
+
+
+def worker_settings(workers: int, ray_address: Optional[str], gpus_per_worker: Optional[float]):
+    """A ``workers.WorkerSettings`` from the options of ``worker_options``."""
+    from fedmerge_plugins.workers import WorkerSettings
+
+    return WorkerSettings(workers=workers, ray_address=ray_address, gpus_per_worker=gpus_per_worker)
 
 
 class LazyGroup(click.Group):

@@ -1,11 +1,14 @@
 """fedmerge's checks inside mergekit's own merge entry points.
 
 ``fedmerge_autoload`` calls these when ``mergekit.merge`` and ``mergekit.plan`` are imported:
-the recipe-only checks run at the start of ``run_merge`` (before any model is resolved or
-downloaded), all of them, shapes included, when ``MergePlanner`` starts (before any output
-exists). This module is the boundary to mergekit's click command: inside ``mergekit-yaml``
-(a click context is active) a ``FedmergeError`` becomes a one-line click error; called from
-Python, the ``RecipeError`` itself propagates.
+the recipe-only checks, the models' existence and their weight files' headers at the start
+of ``run_merge`` (before any model is resolved or downloaded), all of them, shapes
+included, when ``MergePlanner`` starts (before any output exists); the merge itself is
+written to a staging folder that becomes the output only when complete.
+
+This module is the boundary to mergekit's click command: inside ``mergekit-yaml`` (a click
+context is active) a ``FedmergeError`` becomes a one-line click error; called from Python,
+the error itself (``RecipeError``, ``InputError``, ``NonFiniteError``…) propagates.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from mergekit.config import MergeConfiguration
 
 
 @contextlib.contextmanager
-def _one_line_under_click() -> Iterator[None]:
+def _one_line_under_click(verbose: bool = False) -> Iterator[None]:
     import click
 
     if click.get_current_context(silent=True) is None:
@@ -27,14 +30,21 @@ def _one_line_under_click() -> Iterator[None]:
         return
     from fedmerge_plugins.cli import one_line_errors
 
-    with one_line_errors():
+    with one_line_errors(verbose):
         yield
 
 
 def install_run_merge_check() -> None:
-    """Check the recipe's parameters at the start of ``mergekit.merge.run_merge``, before
-    it resolves (and downloads) any model; idempotent."""
+    """Wrap ``mergekit.merge.run_merge`` (idempotent): check the recipe's parameters, that
+    every model exists and that local weight files can be read, before it resolves (and
+    downloads) any model; then merge into a staging folder that becomes the output only
+    when the merge is complete (``staging``). Under ``mergekit-yaml`` a ``FedmergeError``
+    raised anywhere in the merge (a NaN found mid-merge) is one line; ``-vv`` shows the
+    traceback."""
+    from fedmerge_plugins.model_sources import check_sources
     from fedmerge_plugins.recipe import check_recipe
+    from fedmerge_plugins.shapes import check_readable
+    from fedmerge_plugins.staging import staged_output
 
     # Called while mergekit.merge finishes loading: take it from sys.modules, not the package.
     merge = importlib.import_module("mergekit.merge")
@@ -43,10 +53,14 @@ def install_run_merge_check() -> None:
         return
 
     @functools.wraps(original)
-    def run_merge(merge_config: MergeConfiguration, *args: Any, **kwargs: Any) -> Any:
-        with _one_line_under_click():
+    def run_merge(merge_config: MergeConfiguration, out_path: str, *args: Any, **kwargs: Any) -> Any:
+        options = kwargs.get("options", args[0] if args else None)
+        with _one_line_under_click(getattr(options, "verbosity", 0) >= 2):
             check_recipe(merge_config, shapes=False)
-        return original(merge_config, *args, **kwargs)
+            check_sources(merge_config, cache_dir=getattr(options, "transformers_cache", None))
+            check_readable(merge_config)
+            with staged_output(out_path) as stage:
+                return original(merge_config, stage, *args, **kwargs)
 
     run_merge.fedmerge_checked = True  # type: ignore[attr-defined]
     merge.run_merge = run_merge
@@ -64,8 +78,10 @@ def install_planner_check() -> None:
 
     @functools.wraps(original)
     def __init__(self: MergePlanner, config: MergeConfiguration, *args: Any, **kwargs: Any) -> None:
-        with _one_line_under_click():
-            check_recipe(config)
+        arch_info = kwargs.get("arch_info", args[0] if args else None)
+        options = kwargs.get("options", args[1] if len(args) > 1 else None)
+        with _one_line_under_click(getattr(options, "verbosity", 0) >= 2):
+            check_recipe(config, arch_info=arch_info, options=options)
         original(self, config, *args, **kwargs)
 
     __init__.fedmerge_checked = True  # type: ignore[attr-defined]

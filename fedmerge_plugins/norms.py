@@ -7,94 +7,33 @@ have are counted: those are the rows a merge with ``tokenizer: {source: base}`` 
 since added tokens come after the base vocabulary. The rows a task model adds have no
 base row to differ from and are not part of its task vector.
 
-Norms are remembered in this process and in ``$FEDMERGE_CACHE_DIR/norms.json``
-(default ``~/.cache/fedmerge``), keyed by the identity of the weight files of both
-checkpoints (resolved path, size, modification time), so a later merge or sweep of the
-same checkpoints reads none of them for norms; rewriting a checkpoint invalidates it.
+``stream_norms`` computes the norms of all task models of a merge in ONE pass: each base
+tensor is read once and compared with each task model's tensor of that name, read in turn
+(T + 1 checkpoint reads, not 2T; memory holds one base and one task tensor). Each model's
+sum has the same terms in the same order (the base's tensor order) as a pass over that
+model alone, so the norms do not depend on which models are computed together. The same
+pass serves cclip inside mergekit (``reference_norms``), ``fedmerge inspect``
+(``NormSums`` inside its own pass) and the sweep (``loader_norms`` on in-memory copies).
+Norms are remembered by ``fedmerge_plugins.norm_cache``; a cached norm is never streamed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
-import tempfile
 import threading
-from pathlib import Path
-from typing import Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Hashable, Iterator, List, Mapping, Sequence, Tuple
 
 import torch
 from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 from tqdm.auto import tqdm
 
+from fedmerge_plugins.errors import NonFiniteError
+from fedmerge_plugins.norm_cache import CACHE, NormCache, cache_keys
+
 LOG = logging.getLogger(__name__)
-CACHE_VERSION = 1
-FileIdentity = Tuple[str, int, int]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FEDMERGE_CACHE_DIR") or Path.home() / ".cache" / "fedmerge")
-
-
-def checkpoint_identity(index: ShardedTensorIndex) -> Tuple[FileIdentity, ...]:
-    """(resolved path, size, mtime in ns) of every weight file of a checkpoint."""
-    # A shard holds many tensors: resolve each file once, not once per tensor.
-    files = sorted({os.path.realpath(os.path.join(index.base_path, f)) for f in set(index.tensor_paths.values())})
-    return tuple((path, (st := os.stat(path)).st_size, st.st_mtime_ns) for path in files)
-
-
-def cache_key(base: ShardedTensorIndex, model: ShardedTensorIndex) -> str:
-    payload = json.dumps([CACHE_VERSION, checkpoint_identity(base), checkpoint_identity(model)])
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-class NormCache:
-    """In-process dictionary backed by one JSON file; writes are atomic replacements."""
-
-    def __init__(self, path: Optional[Path] = None) -> None:
-        self._path = path
-        self._memory: Dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def path(self) -> Path:
-        return self._path or cache_dir() / "norms.json"
-
-    def _read_disk(self) -> Dict[str, dict]:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def get(self, key: str) -> Optional[float]:
-        with self._lock:
-            if key not in self._memory:
-                entry = self._read_disk().get(key)
-                if entry is None:
-                    return None
-                self._memory[key] = float(entry["norm"])
-            return self._memory[key]
-
-    def put(self, key: str, norm: float, **info: object) -> None:
-        with self._lock:
-            self._memory[key] = norm
-            entries = self._read_disk()
-            entries[key] = {"norm": norm, **info}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as handle:
-                json.dump(entries, handle, indent=1)
-            os.replace(tmp, self.path)
-
-    def clear_memory(self) -> None:
-        with self._lock:
-            self._memory.clear()
-
-
-CACHE = NormCache()
+_PASS_LOCK = threading.Lock()  # mergekit may run tasks in threads: one norm pass at a time
 
 
 def shared_rows(name: str, base: torch.Tensor, model: torch.Tensor, model_label: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -112,79 +51,127 @@ def shared_rows(name: str, base: torch.Tensor, model: torch.Tensor, model_label:
     return base.narrow(axis, 0, rows), model.narrow(axis, 0, rows)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms are summed in: float64 for a float64 base, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def squared_distance(name: str, base: torch.Tensor, model: torch.Tensor, model_label: str) -> float:
     """‖model − base‖² of one tensor, in float32 (float64 for float64), checked finite."""
     base, model = shared_rows(name, base, model, model_label)
-    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(base.dtype)
     delta = torch.sub(model.to(dtype), base.to(dtype))
     if not bool(torch.isfinite(delta).all()):
-        raise ValueError(f"model {model_label} has NaN or inf values in tensor {name}")
+        raise NonFiniteError(f"model {model_label} has NaN or inf values in tensor {name}")
     return float(torch.linalg.vector_norm(delta)) ** 2
 
 
-def shared_float_tensors(
-    base: LazyTensorLoader, model: LazyTensorLoader, device: torch.device | str = "cpu"
-) -> Iterator[Tuple[str, torch.Tensor, torch.Tensor]]:
-    """Stream (name, base tensor, model tensor) for the floating tensors both checkpoints hold."""
-    for name in base.index.tensor_paths:
-        if name not in model.index.tensor_paths:
-            continue
+class NormSums:
+    """Running ‖τ_t‖² of several task models against one base, tensor by tensor."""
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.labels = list(labels)
+        self.squares = [0.0] * len(self.labels)
+        self.tensors = [0] * len(self.labels)
+
+    def add(self, t: int, name: str, base: torch.Tensor, model: torch.Tensor) -> None:
+        self.squares[t] += squared_distance(name, base, model, self.labels[t])
+        self.tensors[t] += 1
+
+    def norms(self) -> List[float]:
+        for label, count in zip(self.labels, self.tensors):
+            if count == 0:
+                raise ValueError(f"model {label} shares no floating-point tensor name with the base model")
+        return [math.sqrt(total) for total in self.squares]
+
+
+def shared_names(base: ShardedTensorIndex, models: Sequence[ShardedTensorIndex]) -> Iterator[Tuple[str, List[int]]]:
+    """(name, models that have it) for the base's tensor names, in the base's order."""
+    for name in base.tensor_paths:
+        present = [t for t, index in enumerate(models) if name in index.tensor_paths]
+        if present:
+            yield name, present
+
+
+def stream_norms(
+    base: LazyTensorLoader, models: Sequence[LazyTensorLoader], labels: Sequence[str], device: torch.device | str = "cpu"
+) -> List[float]:
+    """‖θ_t − θ_0‖ of every task model in one pass: each base tensor read once, then each
+    task model's tensor of that name in turn (two tensors in memory at a time)."""
+    sums = NormSums(labels)
+    names = list(shared_names(base.index, [m.index for m in models]))
+    for name, present in tqdm(
+        names, desc=f"task-vector norm of {len(models)} model(s)", unit="tensor", leave=False
+    ):
         base_tensor = base.get_tensor(name, device=str(device))
         if not base_tensor.is_floating_point():
             continue
-        yield name, base_tensor, model.get_tensor(name, device=str(device))
+        base_tensor = base_tensor.to(compute_dtype(base_tensor.dtype))  # once for all models: exact
+        for t in present:
+            sums.add(t, name, base_tensor, models[t].get_tensor(name, device=str(device)))
+    return sums.norms()
 
 
-def stream_norm(
-    base: LazyTensorLoader, model: LazyTensorLoader, model_label: str, device: torch.device | str = "cpu"
-) -> float:
-    """‖θ_model − θ_base‖ over every shared floating tensor, one tensor in memory at a time."""
-    total, count = 0.0, 0
-    names = [n for n in base.index.tensor_paths if n in model.index.tensor_paths]
-    tensors = shared_float_tensors(base, model, device)
-    for name, base_tensor, model_tensor in tqdm(
-        tensors, total=len(names), desc=f"task-vector norm of {model_label}", unit="tensor", leave=False
-    ):
-        total += squared_distance(name, base_tensor, model_tensor, model_label)
-        count += 1
-    if count == 0:
-        raise ValueError(f"model {model_label} shares no floating-point tensor name with the base model")
-    return math.sqrt(total)
-
-
-def checkpoint_norm(
+def resolve_norms(
     base: ShardedTensorIndex,
-    model: ShardedTensorIndex,
-    *,
-    model_label: str,
-    device: torch.device | str = "cpu",
+    models: Sequence[ShardedTensorIndex],
+    compute: Callable[[List[int]], List[float]],
     cache: NormCache = CACHE,
-) -> float:
-    """The global task-vector norm of ``model`` against ``base``, from cache when known."""
-    return loader_norm(
-        LazyTensorLoader(base), LazyTensorLoader(model), model_label=model_label, device=device, cache=cache
-    )
+) -> Tuple[List[float], List[bool]]:
+    """(norms, cached flags): cached norms looked up in one read of the cache, the others
+    computed by ``compute(missing model positions)`` and stored together in one write."""
+    keys = cache_keys(base, models)
+    known = cache.lookup(keys)
+    missing = [t for t, key in enumerate(keys) if key not in known and key not in keys[:t]]
+    found: Dict[str, float] = dict(known)
+    if missing:
+        found.update((keys[t], norm) for t, norm in zip(missing, compute(missing)))
+        cache.put_many(
+            {keys[t]: (found[keys[t]], {"base": base.base_path, "model": models[t].base_path}) for t in missing}
+        )
+    return [found[key] for key in keys], [key in known for key in keys]
 
 
-def loader_norm(
+def loader_norms(
     base: LazyTensorLoader,
-    model: LazyTensorLoader,
+    models: Sequence[LazyTensorLoader],
     *,
-    model_label: str,
+    labels: Sequence[str],
     device: torch.device | str = "cpu",
     cache: NormCache = CACHE,
-) -> float:
-    """``checkpoint_norm`` through loaders the caller already holds (a sweep's in-memory
-    copies): the same cache key and the same streaming sum, hence the same number."""
-    key = cache_key(base.index, model.index)
-    norm = cache.get(key)
-    if norm is not None:
-        LOG.debug("fedmerge: task-vector norm of %s = %.6g (cached)", model_label, norm)
-        return norm
-    norm = stream_norm(base, model, model_label, device)
-    cache.put(key, norm, base=base.index.base_path, model=model.index.base_path)
-    LOG.info("fedmerge: task-vector norm of %s = %.6g (computed)", model_label, norm)
-    return norm
+) -> List[float]:
+    """The global norms of ``models`` against ``base``, through loaders the caller holds
+    (fresh ones from ``checkpoint_norms``, or a sweep's in-memory copies): the same cache
+    keys and the same streaming sums, hence the same numbers."""
+
+    def compute(missing: List[int]) -> List[float]:
+        return stream_norms(base, [models[t] for t in missing], [labels[t] for t in missing], device)
+
+    with _PASS_LOCK:
+        norms, cached = resolve_norms(base.index, [m.index for m in models], compute, cache)
+    for label, norm, was_cached in zip(labels, norms, cached):
+        LOG.log(
+            logging.DEBUG if was_cached else logging.INFO,
+            "fedmerge: task-vector norm of %s = %.6g (%s)", label, norm, "cached" if was_cached else "computed",
+        )
+    return norms
+
+
+def checkpoint_norms(
+    base: ShardedTensorIndex,
+    models: Sequence[ShardedTensorIndex],
+    *,
+    labels: Sequence[str],
+    device: torch.device | str = "cpu",
+    cache: NormCache = CACHE,
+) -> List[float]:
+    """``loader_norms`` over the checkpoints on disk (their files are closed afterwards)."""
+    loaders = [LazyTensorLoader(index) for index in (base, *models)]
+    try:
+        return loader_norms(loaders[0], loaders[1:], labels=labels, device=device, cache=cache)
+    finally:
+        for loader in loaders:
+            loader.flush()
 
 
 def model_index(model: ModelReference) -> ShardedTensorIndex:
@@ -194,14 +181,20 @@ def model_index(model: ModelReference) -> ShardedTensorIndex:
     return LoaderCache().get(model).index
 
 
-def reference_norm(base: Hashable, model: Hashable, device: torch.device) -> float:
-    """Norm provider for cclip inside mergekit merges, where input ids are ModelReferences."""
-    if not isinstance(base, ModelReference) or not isinstance(model, ModelReference):
-        raise ValueError(
-            f"cclip: no task-vector norm for model {model!r}: outside a mergekit recipe pass the "
-            "per-model parameter `norm` (fedmerge_plugins.norms.state_dict_norms computes it)"
-        )
-    return checkpoint_norm(model_index(base), model_index(model), model_label=str(model), device=device)
+def reference_norms(
+    base: Hashable, models: Sequence[Hashable], device: torch.device | str = "cpu", cache: NormCache = CACHE
+) -> List[float]:
+    """Norms of task models given as mergekit ``ModelReference``s: cclip's default norm
+    provider inside mergekit merges, and ``fedmerge inspect``'s and the sweep's from disk."""
+    for model in models:
+        if not isinstance(base, ModelReference) or not isinstance(model, ModelReference):
+            raise ValueError(
+                f"cclip: no task-vector norm for model {model!r}: outside a mergekit recipe pass the "
+                "per-model parameter `norm` (fedmerge_plugins.norms.state_dict_norms computes it)"
+            )
+    return checkpoint_norms(
+        model_index(base), [model_index(m) for m in models], labels=[str(m) for m in models], device=device, cache=cache
+    )
 
 
 def state_dict_norms(
@@ -217,8 +210,3 @@ def state_dict_norms(
         )
         norms[key] = math.sqrt(total)
     return norms
-
-
-def recipe_norms(base: ModelReference, models: Iterable[ModelReference], device: str = "cpu") -> List[float]:
-    """Norms of several task models against one base (used by inspect and sweep)."""
-    return [reference_norm(base, model, torch.device(device)) for model in models]

@@ -8,11 +8,13 @@ Python API binds it.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from mergekit.merge_methods.base import MISSING, ParameterScope, ParameterSpec
 from pydantic import AfterValidator
 from typing_extensions import Annotated
+
+from fedmerge_plugins.training_record import SCHEDULES
 
 
 def _check(name: str, rule: str, ok: Callable[[float], bool]) -> AfterValidator:
@@ -24,11 +26,37 @@ def _check(name: str, rule: str, ok: Callable[[float], bool]) -> AfterValidator:
     return AfterValidator(validate)
 
 
+def _choice(name: str, choices: Sequence[str]) -> AfterValidator:
+    def validate(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"parameter `{name}` must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    return AfterValidator(validate)
+
+
+def _nonempty(name: str) -> AfterValidator:
+    def validate(value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"parameter `{name}` must be a path")
+        return value
+
+    return AfterValidator(validate)
+
+
 Lambda = Annotated[float, _check("lambda", "a finite number", lambda v: True)]
 AgreementRho = Annotated[float, _check("rho", "in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
 ClipRho = Annotated[float, _check("rho", "> 0", lambda v: v > 0.0)]
-Steps = Annotated[int, _check("steps", "an integer > 0", lambda v: v > 0)]
-LearningRate = Annotated[float, _check("learning_rate", "> 0", lambda v: v > 0.0)]
+
+# FedNova's training record (fedmerge_plugins.training_record); None: not given
+Steps = Optional[Annotated[int, _check("steps", "an integer > 0", lambda v: v > 0)]]
+LearningRate = Optional[Annotated[float, _check("learning_rate", "> 0", lambda v: v > 0.0)]]
+ScheduleName = Optional[Annotated[str, _choice("schedule", SCHEDULES)]]
+WarmupSteps = Optional[
+    Annotated[float, _check("warmup_steps", "an integer >= 0, or a ratio in [0, 1)", lambda v: v >= 0 and (v < 1 or v == int(v)))]
+]
+WarmupRatio = Optional[Annotated[float, _check("warmup_ratio", "in [0, 1)", lambda v: 0.0 <= v < 1.0)]]
+TrainingLog = Optional[Annotated[str, _nonempty("training_log")]]
 Norm = Optional[Annotated[float, _check("norm", ">= 0", lambda v: v >= 0.0)]]
 
 

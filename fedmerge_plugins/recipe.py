@@ -3,9 +3,11 @@
 mergekit ignores parameter keys a method does not declare and reports bad values without
 naming the model, so a typo such as ``learning_rte`` would silently merge with the
 default. ``check_recipe`` rejects, naming the model and key: unknown keys, shared
-parameters set per model, missing required values (fednova's ``steps``), placeholders
-left in a recipe, values out of range, a missing base model, and tensor shapes that
-differ from the base's (read from safetensors headers). ``fedmerge_plugins.mergekit_hooks``
+parameters set per model, missing required values (fednova's ``steps`` or ``training_log``,
+whose logs are read and checked here), placeholders left in a recipe, values out of range,
+a missing base model; ``check_inputs`` adds models that do not exist (``model_sources``)
+and weight files or tensor shapes that cannot merge (``shapes``, from the headers).
+``fedmerge_plugins.mergekit_hooks``
 runs the recipe-only checks at the start of ``run_merge`` (before any model is resolved or
 downloaded) and all of them, shapes included, when ``MergePlanner`` starts (before any
 output exists).
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 from mergekit.common import ModelReference
 from mergekit.config import ConditionalParameter, MergeConfiguration
@@ -24,13 +26,12 @@ from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from pydantic import ValidationError
 
 from fedmerge_plugins import METHOD_NAMES
-from fedmerge_plugins.errors import FedmergeError
+from fedmerge_plugins.errors import RecipeError
+
+if TYPE_CHECKING:
+    from fedmerge_plugins.training_record import EffectiveSteps
 
 Block = Tuple[str, Optional[ModelReference], Dict[str, Any]]
-
-
-class RecipeError(FedmergeError):
-    """A recipe problem, named by method, model and key (one line)."""
 
 
 def parameter_blocks(config: MergeConfiguration) -> Iterator[Block]:
@@ -90,7 +91,9 @@ def load_recipe(path: Path, *, shapes: bool = True) -> Tuple[Dict[str, Any], Mer
         raise RecipeError(f"{path}: cannot read the recipe: {error}") from None
     except ValidationError as error:
         raise RecipeError(f"{path}: not a valid mergekit recipe: {error}") from None
-    check_recipe(config, shapes=shapes)
+    check_recipe(config, shapes=False)
+    if shapes:  # whatever the method: inspect reads any recipe's models
+        check_inputs(config)
     return data, config
 
 
@@ -110,56 +113,30 @@ def _check_value(method: str, where: str, parameter: ParameterSpec, setting: Any
         try:
             parameter.validate(value)
         except ValidationError as error:
-            if isinstance(value, str):
+            if isinstance(value, str) and error.errors()[0]["type"].endswith("_parsing"):
                 reason = "a placeholder or text, not a number: fill in the real value"
             else:
                 reason = error.errors()[0]["msg"].removeprefix("Value error, ")
             raise RecipeError(f"{method}: {where}: `{parameter.name}` = {value!r} is invalid: {reason}") from None
 
 
-def _header_shapes(model: ModelReference) -> Dict[str, Tuple[int, ...]]:
-    """Tensor shapes from safetensors headers (no weights read); {} for other formats."""
-    from safetensors import safe_open
+def check_inputs(config: MergeConfiguration, *, arch_info: Any = None, options: Any = None) -> None:
+    """Every model the recipe names exists (``model_sources``), its weight files can be
+    read, and its tensors have shapes that merge with the base's (``shapes``)."""
+    from fedmerge_plugins.model_sources import check_sources
+    from fedmerge_plugins.shapes import check_shapes
 
-    from fedmerge_plugins.norms import model_index
-
-    index = model_index(model)
-    if not index.is_safetensors:
-        return {}
-    shapes: Dict[str, Tuple[int, ...]] = {}
-    for shard in index.shards:
-        with safe_open(os.path.join(index.base_path, shard.filename), framework="pt") as handle:
-            shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
-    return shapes
+    check_sources(config, cache_dir=getattr(options, "transformers_cache", None))
+    truncate = bool(getattr(options, "unsafe_truncate_embeddings", False))
+    check_shapes(config, task_models(config), arch_info=arch_info, truncate_embeddings=truncate)
 
 
-def check_shapes(config: MergeConfiguration, tasks: List[ModelReference]) -> None:
-    """Every tensor a task model shares with the base has the base's shape, except a
-    vocabulary axis when a tokenizer setting aligns vocabularies."""
-    if config.base_model is None:
-        return
-    aligned = config.tokenizer is not None or config.tokenizer_source is not None
-    base = _header_shapes(config.base_model)
-    for task in tasks:
-        for name, shape in _header_shapes(task).items():
-            expected = base.get(name)
-            if expected is None or expected == shape:
-                continue
-            differing = sum(a != b for a, b in zip(expected, shape))
-            if aligned and len(expected) == len(shape) and differing == 1:
-                continue
-            hint = " (different vocabularies: add `tokenizer: {source: base}`)" if differing == 1 else ""
-            raise RecipeError(
-                f"{config.merge_method}: model {task}: tensor {name} has shape {shape}, "
-                f"the base model {expected}{hint}"
-            )
-
-
-def check_recipe(config: MergeConfiguration, *, shapes: bool = True) -> None:
+def check_recipe(config: MergeConfiguration, *, shapes: bool = True, arch_info: Any = None, options: Any = None) -> None:
     """Raise RecipeError for problems in a fedmerge recipe; other methods pass untouched.
 
-    ``shapes=False`` skips the one check that reads checkpoint headers (and so may have to
-    download them): the rest needs only the recipe.
+    ``shapes=False`` skips ``check_inputs``, the checks that read checkpoint headers (and
+    so may have to download them): the rest needs only the recipe. ``arch_info`` and
+    ``options``: mergekit's, inside a merge.
     """
     method = config.merge_method
     if method not in METHOD_NAMES:
@@ -198,5 +175,29 @@ def check_recipe(config: MergeConfiguration, *, shapes: bool = True) -> None:
             given = any(model == task and parameter.name in block for _, model, block in blocks)
             if not given and parameter.name not in defaults:
                 raise RecipeError(f"{method}: model {task}: missing required parameter `{parameter.name}`")
+    if method == "fednova":
+        for task in task_models(config):
+            training_record(config, task)
     if shapes:
-        check_shapes(config, task_models(config))
+        check_inputs(config, arch_info=arch_info, options=options)
+
+
+def training_record(config: MergeConfiguration, model: ModelReference) -> "EffectiveSteps":
+    """FedNova's ‖a_t‖₁ for ``model`` from the recipe's values (its logs read and checked)."""
+    from fedmerge_plugins.training_record import RECORD_KEYS, TrainingRecordError, effective_steps
+
+    parameters = {p.name: p for p in registry.get("fednova").spec.parameters}
+    values: Dict[str, Any] = {}
+    for key in RECORD_KEYS:
+        setting = model_value(config, model, key)
+        if isinstance(setting, (list, ConditionalParameter)):
+            hint = f"; join several runs' paths with {os.pathsep!r}" if key == "training_log" else ""
+            raise RecipeError(
+                f"fednova: model {model}: `{key}` must be one value for the whole model "
+                f"(a list or filter is a per-layer setting in mergekit{hint})"
+            )
+        values[key] = None if setting is None else parameters[key].validate(setting)
+    try:
+        return effective_steps(values)
+    except TrainingRecordError as error:
+        raise RecipeError(f"fednova: model {model}: {error}") from None

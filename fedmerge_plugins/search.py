@@ -14,8 +14,8 @@ validation data, the best point kept (ties go to the earlier point in grid order
 - ``ResultLog``: the resumable JSONL log, one record a line, flushed and fsynced as it is
   written; a torn last line (a kill mid-write) is dropped.
 - ``run_search``: the driver. A grid point is an independent unit of work,
-  ``evaluate(point) -> Evaluation``, handed to ``map_points`` (serial by default; a pool of
-  workers can take its place); only the driver writes the log and picks the winner.
+  ``evaluate(point) -> Evaluation``, run by ``workers.run_units`` (here, one after another,
+  by default; or on Ray workers); only the driver writes the log and picks the winner.
 - ``winner_recipe``: the recipe with the winning point's values.
 
 A point record: ``{"kind": "point", "key", "index", "method", "parameters", "scores",
@@ -30,12 +30,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fedmerge_plugins.errors import FedmergeError
+
+if TYPE_CHECKING:
+    from fedmerge_plugins.workers import WorkerSettings
 
 Scores = Dict[str, float]
 SWEPT = ("lambda", "rho")  # the searched parameters, outermost first
@@ -211,15 +213,6 @@ class ResultLog:
 
 
 Evaluate = Callable[[Point], Evaluation]
-MapPoints = Callable[[Evaluate, Sequence[Point]], Iterable[Tuple[Point, Evaluation, float]]]
-
-
-def serial_map(evaluate: Evaluate, points: Sequence[Point]) -> Iterator[Tuple[Point, Evaluation, float]]:
-    """Score the points one after another: (point, evaluation, seconds), in order."""
-    for point in points:
-        started = time.perf_counter()
-        evaluation = evaluate(point)
-        yield point, evaluation, time.perf_counter() - started
 
 
 @dataclass
@@ -243,14 +236,20 @@ def run_search(
     task_count: int,
     group: Optional[str] = None,
     selection: Callable[[Scores], float] = mean,
-    map_points: MapPoints = serial_map,
+    workers: Optional["WorkerSettings"] = None,
     on_record: Optional[Callable[[Point, Dict[str, Any]], None]] = None,
     progress: bool = True,
     desc: str = "grid points",
 ) -> SearchOutcome:
     """Score every point of ``points`` not yet in ``log`` (one merge per group of
-    ``merge_groups``), record each, and return the records and the winner."""
+    ``merge_groups``), record each, and return the records and the winner.
+
+    ``workers``: where the points are scored (``workers.WorkerSettings``; default here,
+    one after another). On Ray workers ``evaluate`` must be picklable; it is shipped once,
+    its tensors through the object store, and the records are written here as results come."""
     from tqdm.auto import tqdm
+
+    from fedmerge_plugins.workers import WorkerSettings, call, run_units
 
     done = log.points(group)
     pending: List[Point] = []
@@ -264,7 +263,7 @@ def run_search(
         elif missing:
             pending.append(same[0])
             members[same[0].key] = same
-    scored = map_points(evaluate, pending)
+    scored = run_units(call, evaluate, pending, workers or WorkerSettings())  # ``evaluate`` is shipped once
     for point, evaluation, seconds in tqdm(scored, total=len(pending), desc=desc, unit="merge", disable=not progress, leave=False):
         value = selection(evaluation.scores)
         for member in members[point.key]:

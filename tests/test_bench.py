@@ -79,6 +79,51 @@ def test_summary_ratios_are_medians_over_medians() -> None:
     assert bench.verdicts(rows, {})[0].endswith("**missed**")
 
 
+def test_ratios_net_of_start_up_and_memory_split() -> None:
+    inputs = bench.Inputs("tiny", Path("."), Path("b"), [Path(f"t{i}") for i in range(4)], 10**6)
+    chosen = [v for v in bench.variants(inputs) if v.name in {"startup", "task_arithmetic", "cclip_cold", "floor", "sweep_lambda20"}]
+    sample = lambda wall, anon, file: bench.Sample(wall, 1.0, anon + file, 0.0, anon, file, 5, anon + file)  # noqa: E731
+    samples = {
+        "startup": [sample(9, 300, 100), sample(8, 300, 100), sample(10, 300, 100)],
+        "task_arithmetic": [sample(12, 400, 1000), sample(11, 420, 900), sample(13, 410, 1100)],
+        "cclip_cold": [sample(15, 440, 2000), sample(14, 430, 2100), sample(16, 450, 1900)],
+        "floor": [sample(5, 100, 1000)] * 3,
+        "sweep_lambda20": [sample(27, 2500, 1000)] * 3,
+    }
+    rows = bench.summarize(chosen, samples)
+    assert rows["cclip_cold"]["wall_net_s"] == 15 - 9
+    assert rows["cclip_cold"]["wall_net_vs_task_arithmetic"] == pytest.approx((15 - 9) / (12 - 9))
+    assert rows["cclip_cold"]["peak_anon_mib_vs_task_arithmetic"] == pytest.approx(440 / 410)
+    assert rows["cclip_cold"]["peak_file_mib_vs_task_arithmetic"] == pytest.approx(2000 / 1000)
+    assert rows["sweep_lambda20"]["wall_s_vs_task_arithmetic"] == pytest.approx(27 / 12)
+    assert rows["sweep_lambda20"]["wall_net_vs_task_arithmetic"] == pytest.approx((27 - 9) / (12 - 9))
+    assert "wall_net_s" not in rows["floor"] and "wall_net_s" not in rows["startup"]
+    lines = bench.verdicts(rows, {})  # peak memory: ru_maxrss medians, 2440 / 1400 and 3500 / 1400
+    assert "- cclip_cold: wall 1.250× (target ≤ 1.8×; net of start-up 2.000×), peak memory 1.743× (target ≤ 1.1×): **missed**" in lines
+    assert "- sweep_lambda20: wall 2.250× (target ≤ 3.0×; net of start-up 6.000×), peak memory 2.500× (no target): met" in lines
+
+
+def test_smaps_rollup_split_of_a_child(tmp_path: Path) -> None:
+    """A child that allocates 96 MiB and maps 64 MiB of a file: the sampler sees both."""
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"\1" * (64 << 20))
+    child = (
+        "import mmap, sys, time\n"
+        "block = bytearray(96 << 20); block[::4096] = b'x' * (len(block) // 4096)  # every page touched\n"
+        "f = open(sys.argv[1], 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n"
+        "total = sum(m[i] for i in range(0, len(m), 4096))\n"
+        "print('mapped', flush=True); time.sleep(1.0)\n"
+    )
+    sample = bench.run_child([sys.executable, "-c", child, str(data)], dict(os.environ), tmp_path / "log", interval=0.02)
+    assert "mapped" in (tmp_path / "log").read_text()
+    assert sample.memory_samples > 3
+    assert 96 <= sample.peak_anon_mib < 96 + 64  # the bytearray, plus the interpreter's own
+    assert 64 <= sample.peak_file_mib < 64 + 64  # the mapped pages, plus the interpreter's libraries
+    assert sample.peak_sampled_rss_mib >= 96 + 64 and sample.peak_rss_mib >= sample.peak_sampled_rss_mib - 1
+    fields = bench.smaps_rollup_kib("Rss:                1000 kB\nAnonymous:           250 kB\nnot a field\n")
+    assert fields == {"Rss": 1000, "Anonymous": 250}
+
+
 def test_warm_norm_cache_that_is_rewritten_is_an_error(tmp_path: Path) -> None:
     warm = next(v for v in bench.variants(bench.Inputs("tiny", tmp_path, tmp_path, [tmp_path] * 4, 10)) if v.name == "cclip_warm")
     (tmp_path / "norms.json").write_text(json.dumps({"a": 1, "b": 2, "c": 3}))
@@ -92,7 +137,7 @@ def test_warm_norm_cache_that_is_rewritten_is_an_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_smoke_at_tiny_size(tmp_path: Path) -> None:
-    variants = "task_arithmetic,median,cclip_cold,cclip_warm,floor"
+    variants = "startup,task_arithmetic,median,cclip_cold,cclip_warm,floor,sweep_lambda20"
     command = [
         sys.executable, str(REPO / "bench" / "bench.py"), "--size", "tiny", "--repeat", "1", "--warmup", "0",
         "--variants", variants, "--startup-runs", "2", "--plugin-runs", "1",
@@ -102,14 +147,21 @@ def test_bench_smoke_at_tiny_size(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-4000:]
     report = json.loads((tmp_path / "results" / "results.json").read_text())
     assert list(report["rows"]) == variants.split(",")
-    for name in ("median", "cclip_cold", "cclip_warm"):
+    startup, ta = report["rows"]["startup"]["wall_s"], report["rows"]["task_arithmetic"]["wall_s"]
+    for name in ("median", "cclip_cold", "cclip_warm", "sweep_lambda20"):
         row = report["rows"][name]
         assert len(report["samples"][name]) == 1
-        assert row["wall_s_vs_task_arithmetic"] == pytest.approx(row["wall_s"] / report["rows"]["task_arithmetic"]["wall_s"])
+        assert row["wall_s_vs_task_arithmetic"] == pytest.approx(row["wall_s"] / ta)
         assert row["wall_s_vs_floor"] == pytest.approx(row["wall_s"] / report["rows"]["floor"]["wall_s"])
+        assert row["wall_net_s"] == pytest.approx(row["wall_s"] - startup)
+        if ta > startup:
+            assert row["wall_net_vs_task_arithmetic"] == pytest.approx((row["wall_s"] - startup) / (ta - startup))
+    for name, row in report["rows"].items():
+        assert row["peak_anon_mib"] > 0 and row["peak_file_mib"] > 0, name  # sampled from smaps_rollup
+        assert row["peak_anon_mib"] <= row["peak_rss_mib"] + 1, name
     assert report["recipes"]["median"]["merge_method"] == "median"
     assert report["startup"]["startup"]["autoload_importtime_us"] > 0
     assert set(report["startup"]["plugin"]["with"]) >= {"register", "install_planner_check", "install_run_merge_check"}
     text = (tmp_path / "results" / "RESULTS.md").read_text()
-    assert "| cclip_warm | 3 |" in text and "autoload at start-up" in text
+    assert "| cclip_warm | 3 |" in text and "| sweep_lambda20 | 3 |" in text and "autoload at start-up" in text
     assert "bench/bench.py --size tiny" in report["command"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,36 @@ def test_subset_order_is_task_order() -> None:
     assert subsets(tasks) == [("c", "a"), ("c", "b"), ("a", "b"), ("c", "a", "b")]
     assert subsets(tasks, 3) == [tuple(tasks)]
     assert len(subsets(list("abcd"))) == sum(1 for r in range(2, 5) for _ in itertools.combinations("abcd", r))
+
+
+def test_clip_cache_store_never_fails_and_sees_same_size_rewrites(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from fedmerge_plugins.clip.cache import JsonStore, source_identity
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    store = JsonStore(blocker / "clip" / "finetuned.json")  # a path under a file: unwritable even for root
+    with caplog.at_level(logging.WARNING, logger="fedmerge_plugins.clip.cache"):
+        store.put("a", 0.5)
+        store.put("b", 0.25)
+    assert (store.get("a"), store.get("b")) == (0.5, 0.25)  # kept in the process
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(blocker / "clip" / "finetuned.json") in warnings[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+    good = JsonStore(tmp_path / "ok" / "store.json")
+    good.put("k", [1, 2])
+    assert json.loads((tmp_path / "ok" / "store.json").read_text()) == {"k": [1, 2]}
+    assert [p.name for p in (tmp_path / "ok").iterdir()] == ["store.json"]  # no stray temporary file
+
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"x" * 64)
+    before = source_identity(str(model))
+    stat = weights.stat()
+    time.sleep(0.05)  # past the kernel's coarse ctime tick
+    weights.write_bytes(b"y" * 64)  # same size, mtime put back: only ctime/inode tell
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert source_identity(str(model)) != before

@@ -117,3 +117,38 @@ def test_cli_vllm_missing_is_one_line_before_output(tiny_model, tmp_path):
     hf_only = subprocess.run(command[:-6] + ["--max-model-len", "64"], capture_output=True, text=True, env=env, timeout=300)
     assert hf_only.returncode == 1
     assert hf_only.stderr.strip().splitlines() == ["Error: --max-model-len is for the vllm backend only (add --backend vllm)"]
+
+
+def test_sweep_builds_its_backend_through_the_same_path(tmp_path, monkeypatch):
+    """``fedmerge sweep --eval lm-eval --backend vllm …`` gives its evaluator the Backend that
+    ``fedmerge eval`` builds from the same options (vllm pretended present: nothing loads it)."""
+    from click.testing import CliRunner
+
+    import fedmerge_plugins.sweep.run as sweep_run
+    from fedmerge_plugins.evaluation.cli import backend_from_options
+    from fedmerge_plugins.sweep.cli import sweep_command
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    seen = {}
+    monkeypatch.setattr(sweep_run, "run_sweep", lambda recipe, out, evaluator, **kw: seen.update(evaluator=evaluator, **kw))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "gsm8k.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("merge_method: task_arithmetic\n")
+    common = [str(recipe), "--lambda", "0.5", "--eval", "lm-eval", "--tasks", "gsm8k", "--data-dir", str(data), "--split", "test"]
+    vllm = ["--backend", "vllm", "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.8", "--max-model-len", "64"]
+    result = CliRunner().invoke(sweep_command, common + vllm + ["--max-gen-toks", "0", "--batch-size", "4"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    backend = seen["evaluator"].options["backend"]
+    assert backend == backend_from_options("vllm", 2, 1, 0.8, 64, device="cpu", batch_size=4)
+    assert backend.model_args("m") == {"pretrained": "m", "dtype": "auto", "batch_size": 4, "tensor_parallel_size": 2,
+                                       "data_parallel_size": 1, "seed": 1234, "gpu_memory_utilization": 0.8, "max_model_len": 64}
+    assert seen["evaluator"].options["max_gen_toks"] is None  # 0: each task's own limit
+    assert seen["evaluator"].description.endswith(" backend=vllm")
+    result = CliRunner().invoke(sweep_command, common, catch_exceptions=False)  # hf: the description of older logs
+    assert result.exit_code == 0 and seen["evaluator"].options["backend"] == Backend(batch_size=8)
+    assert "backend=" not in seen["evaluator"].description and "max_gen_toks" not in seen["evaluator"].description
+    python = CliRunner().invoke(sweep_command, [str(recipe), "--lambda", "0.5", "--eval", "python:x.py:f", "--backend", "vllm"])
+    assert python.exit_code == 2 and "--backend and the vllm settings are for --eval lm-eval only" in python.output

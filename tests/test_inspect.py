@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from mergekit.common import ModelReference
 
 from fedmerge_plugins import norms
+from fedmerge_plugins.norm_cache import CACHE, NormCache
 from fedmerge_plugins.diagnostics.cli import inspect_command
 from fedmerge_plugins.diagnostics.stats import agreement_effects, chi_square, collect_stats, fednova_weights, flag_outliers
 from fedmerge_plugins.grids import clip_rho_grid, fedgma_rho_grid
@@ -87,9 +88,9 @@ def test_statistics_match_direct_computation(family: Family) -> None:
 def test_norms_are_cclips_numbers_and_shared_through_the_cache(family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = ModelReference.parse(str(family.base))
     models = refs(family, 3)
-    independent = norms.NormCache(tmp_path / "independent.json")
-    streamed = [
-        norms.checkpoint_norm(norms.model_index(base), norms.model_index(m), model_label=str(m), cache=independent)
+    independent = NormCache(tmp_path / "independent.json")
+    streamed = [  # one model per pass, as before the joint pass
+        norms.checkpoint_norms(norms.model_index(base), [norms.model_index(m)], labels=[str(m)], cache=independent)[0]
         for m in models
     ]
     stats = collect_stats(base, models)
@@ -99,10 +100,10 @@ def test_norms_are_cclips_numbers_and_shared_through_the_cache(family: Family, t
     def no_streaming(*args, **kwargs):
         raise AssertionError("norm streamed again although inspect cached it")
 
-    monkeypatch.setattr(norms, "stream_norm", no_streaming)
-    assert norms.recipe_norms(base, models) == streamed  # what cclip inside mergekit-yaml uses
-    norms.CACHE.clear_memory()  # a new process: only the file under $FEDMERGE_CACHE_DIR
-    assert norms.recipe_norms(base, models) == streamed
+    monkeypatch.setattr(norms, "stream_norms", no_streaming)
+    assert norms.reference_norms(base, models) == streamed  # what cclip inside mergekit-yaml uses
+    CACHE.clear_memory()  # a new process: only the file under $FEDMERGE_CACHE_DIR
+    assert norms.reference_norms(base, models) == streamed
     assert collect_stats(base, models).norms_cached == [True] * 3
 
 

@@ -52,6 +52,14 @@ def test_other_methods_are_left_to_mergekit(family: Family) -> None:
         ("cclip", {"lambda": 0.5}, ({}, {}), r"cclip: missing required parameter `rho`"),
         ("median", {"weight": 1.0}, ({}, {}), r"unknown parameter `weight`; median takes `lambda`"),
         ("fednova", {"steps": "<fill in>"}, ({}, {}), r"`steps` = '<fill in>' is invalid: a placeholder"),
+        ("fednova", {"steps": 10, "learning_rate": 1e-4}, ({"schedule": "cosine_restarts"}, {}),
+         r"task0: `schedule` = 'cosine_restarts' is invalid: parameter `schedule` must be one of constant, linear, cosine,"),
+        ("fednova", {"steps": 10, "learning_rate": 1e-4, "schedule": "linear"}, ({"warmup_steps": 2.5}, {}),
+         r"`warmup_steps` = 2.5 is invalid: parameter `warmup_steps` must be an integer >= 0, or a ratio in \[0, 1\)"),
+        ("fednova", {}, ({"training_log": ["/a", "/b"]}, {"steps": 3}),
+         r"task0: `training_log` must be one value for the whole model \(a list or filter is a per-layer setting in mergekit; join several runs' paths with ':'\)"),
+        ("fednova", {}, ({"training_log": "/no/such/run"}, {"steps": 3}), r"fednova: model .*/task0: `training_log`: /no/such/run: no such file or folder"),
+        ("fednova", {"learning_rate": 1e-4}, ({"steps": 10, "warmup_steps": 3}, {"steps": 3}), r"model .*/task0: `warmup_steps`/`warmup_ratio` need a `schedule`"),
     ],
 )
 def test_problems_are_named(family: Family, method, parameters, per_model, needle) -> None:

@@ -107,8 +107,8 @@ def test_recipe_is_valid_and_its_parameters_bind(path: Path, monkeypatch: pytest
         pytest.skip(f"{path.name} is not a mergekit recipe")
     config = MergeConfiguration.model_validate(raw)
     assert config.merge_method in {m.spec.name for m in registry.registered_methods()}, config.merge_method
-    # check_recipe's last step reads tensor shapes from the checkpoints; the shape-twin test runs it.
-    monkeypatch.setattr(recipe_checks, "check_shapes", lambda config, tasks: None)
+    # check_recipe's last step finds the models and reads their shapes; the shape-twin test runs it.
+    monkeypatch.setattr(recipe_checks, "check_inputs", lambda config, **context: None)
     if PLACEHOLDER in path.read_text():
         with pytest.raises(RecipeError, match="placeholder"):
             recipe_checks.check_recipe(config)
@@ -121,7 +121,7 @@ def test_recipe_is_valid_and_its_parameters_bind(path: Path, monkeypatch: pytest
 def test_unfilled_demo_template_fails_with_a_clear_message(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A user who runs a template from configs/demo/ as it is learns that its fields are to be filled."""
     config = MergeConfiguration.model_validate(load_recipe(DEMO_TEMPLATES / "instruction-math-code" / f"{method}.yml"))
-    monkeypatch.setattr(recipe_checks, "check_shapes", lambda config, tasks: None)
+    monkeypatch.setattr(recipe_checks, "check_inputs", lambda config, **context: None)
     with pytest.raises(RecipeError, match=r"`lambda` = '\$\{lambda\}' is invalid: a placeholder"):
         recipe_checks.check_recipe(config)
 

@@ -2,8 +2,9 @@
 fine-tuned accuracies), and how it recognises that an input has not changed.
 
 Default location: ``$FEDMERGE_CACHE_DIR/clip`` (``~/.cache/fedmerge/clip``). Entries are
-keyed by a digest of everything they depend on; a local file's identity is its path,
-size and modification time, so a rewritten checkpoint or data folder gets a new entry.
+keyed by a digest of everything they depend on; a local file's identity is the norm
+cache's (path, size, mtime, ctime, inode), so a rewritten checkpoint or data folder gets a
+new entry even when its size and mtime are put back.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from fedmerge_plugins.norms import cache_dir
+from fedmerge_plugins.norm_cache import cache_dir, file_identity
+
+LOG = logging.getLogger(__name__)
 
 
 def clip_cache_dir(override: Optional[Path] = None) -> Path:
@@ -29,43 +33,55 @@ def digest(*parts: Any) -> str:
 
 def source_identity(source: str) -> List[Any]:
     """Identity of a model or data source: for a local folder or file, every file under it
-    with size and mtime; for anything else (a hub id), the name itself."""
+    with its file identity; for anything else (a hub id), the name itself."""
     path = Path(source)
     if not path.exists():
         return [source]
     root = path.resolve()
     if root.is_file():
-        stat = root.stat()
-        return [str(root), stat.st_size, stat.st_mtime_ns]
+        return list(file_identity(str(root)))
     entries: List[Any] = [str(root)]
     for directory, folders, files in os.walk(root):
         folders.sort()
         for name in sorted(files):
-            stat = os.stat(os.path.join(directory, name))
-            entries.append([os.path.relpath(os.path.join(directory, name), root), stat.st_size, stat.st_mtime_ns])
+            full = os.path.join(directory, name)
+            entries.append([os.path.relpath(full, root), *file_identity(full)[1:]])
     return entries
 
 
 class JsonStore:
-    """A small JSON dictionary on disk, replaced atomically on every write."""
+    """A small JSON dictionary on disk, replaced atomically on every write. An optimisation:
+    a file that cannot be read is empty, one that cannot be written is warned about once and
+    the value is kept in memory for this process."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._memory: Dict[str, Any] = {}
+        self._warned = False
 
     def read(self) -> Dict[str, Any]:
         try:
-            return json.loads(self.path.read_text())
+            entries = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            return {}
+            entries = {}
+        return {**(entries if isinstance(entries, dict) else {}), **self._memory}
 
     def get(self, key: str) -> Any:
         return self.read().get(key)
 
     def put(self, key: str, value: Any) -> None:
+        self._memory[key] = value
         entries = self.read()
-        entries[key] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(entries, handle, indent=1)
-        os.replace(tmp, self.path)
+        tmp = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as handle:
+                json.dump(entries, handle, indent=1)
+            os.replace(tmp, self.path)
+        except OSError as error:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+            if not self._warned:
+                self._warned = True
+                LOG.warning("fedmerge: cache %s not updated (%s); the value is kept in this process only", self.path, error.strerror or error)

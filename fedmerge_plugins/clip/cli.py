@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import click
 
+from fedmerge_plugins.cli import worker_options
 from fedmerge_plugins.clip.tasks import DEFAULT_BASE, PAPER_TASKS, canonical, display_name
 
 
@@ -193,14 +194,23 @@ def eval_command(merged: str, base, data_dir, tasks_text, models, models_dir, de
 @click.option("--training", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="YAML `task: {steps, learning_rate}` for FedNova, e.g. configs/clip/training-tanganke.yml.")
 @click.option("--min-size", default=2, show_default=True, type=click.IntRange(1), help="Smallest subset merged.")
 @click.option("--progress/--no-progress", default=True)
-def experiment_command(base, data_dir, tasks_text, models, models_dir, device, batch_size, val_fraction, max_val, seed, cache_dir, out, methods, lambdas, rhos, cclip_count, training, min_size, progress) -> None:
-    """Every subset × method × grid point: select on validation, score on test."""
+@worker_options
+def experiment_command(base, data_dir, tasks_text, models, models_dir, device, batch_size, val_fraction, max_val, seed, cache_dir, out, methods, lambdas, rhos, cclip_count, training, min_size, progress,
+                       workers, ray_address, gpus_per_worker) -> None:
+    """Every subset × method × grid point: select on validation, score on test.
+
+    With --workers N (or --ray-address) each worker takes whole subset searches; this
+    process loads the towers, heads and images once, and writes every record."""
     from fedmerge_plugins import grids
+    from fedmerge_plugins.cli import worker_settings
+    from fedmerge_plugins.errors import FedmergeError
     from fedmerge_plugins.clip.experiment import Experiment, ExperimentSpec, read_training
     from fedmerge_plugins.clip.summary import write_summary
 
     tasks = _tasks(tasks_text)
     try:
+        settings = worker_settings(workers, ray_address, gpus_per_worker)
+        settings.check()  # Ray missing: one line, before anything is loaded or written
         spec = ExperimentSpec(
             tasks=tasks,
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
@@ -212,9 +222,9 @@ def experiment_command(base, data_dir, tasks_text, models, models_dir, device, b
         )
         finetuned = finetuned_sources(tasks, models, models_dir)
         session = _session(base, data_dir, device, batch_size, val_fraction, max_val, seed, cache_dir, progress)
-        Experiment(session, spec, finetuned, out, progress=progress).run()
+        Experiment(session, spec, finetuned, out, progress=progress).run(settings)
         written = write_summary(out, tasks)
-    except ValueError as error:
+    except (ValueError, FedmergeError) as error:
         _fail(error)
     click.echo(written["markdown"].read_text())
     click.echo("written: " + ", ".join(str(p) for p in written.values()))

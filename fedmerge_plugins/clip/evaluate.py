@@ -78,6 +78,14 @@ class Session:
         self._pixels: Dict[tuple, clip_data.Pixels] = {}
         self.finetuned_store = JsonStore(self.cache_root / "finetuned.json")
 
+    def arguments(self) -> Dict[str, object]:
+        """What makes an equal session elsewhere (a Ray worker): ``Session(**arguments)``;
+        the heads and images it then reads from the cache this one filled."""
+        return {
+            "base": self.base, "data_dir": self.data_dir, "device": self.device, "batch_size": self.batch_size,
+            "settings": self.settings, "cache_root": self.cache_root, "resident_splits": tuple(self.resident_splits),
+        }
+
     # --- inputs -------------------------------------------------------------------------
     def task(self, task: str) -> clip_data.TaskData:
         if task not in self._tasks:

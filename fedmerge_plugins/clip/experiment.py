@@ -10,6 +10,10 @@ test. Grids (``fedmerge_plugins.grids``): λ for every method; FedGMA also ρ; C
 ρ from the subset's task-vector norms. FedNova needs each task model's steps and learning
 rate (``Training``).
 
+A subset and method's search is one unit of work (``SubsetSearch``): run here, one after
+another, or on Ray workers (``Experiment.run(WorkerSettings(workers=N))``), which get the
+towers through Ray's object store once and return their records for this process to write.
+
 Everything lands in ``<out>/results.jsonl``, one JSON object a line, appended and flushed
 as it is computed: ``kind: point`` (one grid point's validation scores, the search
 engine's record, ``group`` naming subset and method) and ``kind: result`` (a subset and
@@ -44,6 +48,7 @@ from fedmerge_plugins.search import (
     point_parameters,
     run_search,
 )
+from fedmerge_plugins.workers import WorkerSettings, call, run_units
 
 __all__ = ["BASELINE", "Experiment", "ExperimentSpec", "ResultLog", "Training", "best_index", "merge_in_memory",
            "merge_parameters", "read_training", "subsets"]
@@ -247,34 +252,102 @@ class Experiment:
             }
 
     # --- the search ---------------------------------------------------------------------
-    def unit(self, method: str, subset: Subset, split: str) -> ClipPoint:
-        """The unit of work scoring one grid point of ``method`` on ``subset``."""
-        per_model = {"norms": self.norms, "training": self.spec.training}
-        reference = {t: self.reference[t][split] for t in subset}
-        return ClipPoint(self.session, self.session.base_state, {t: self.models[t] for t in subset}, method, per_model, reference, split)
-
-    def run(self) -> List[Dict[str, Any]]:
+    def run(self, workers: Optional[WorkerSettings] = None) -> List[Dict[str, Any]]:
+        """Every subset × method not yet in the log, here (one after another) or on Ray
+        workers (``workers``: each worker takes whole subset searches; the towers go through
+        the object store once; this process writes every record)."""
         from tqdm.auto import tqdm
 
+        workers = workers or WorkerSettings()
+        workers.check()
         self.prepare()
         done_results = {(tuple(r["subset"]), r["method"]): r for r in self.log.records if r.get("kind") == "result"}
-        results = []
         work = [(s, m) for s in self.spec.subsets() for m in self.spec.methods]
-        bar = tqdm(work, desc="subsets × methods", unit="run", disable=not self.progress)
-        for subset, method in bar:
-            bar.set_postfix_str(f"{method} on {'+'.join(subset)}")
-            if (subset, method) in done_results:
-                results.append(done_results[(subset, method)])
-                continue
-            points = self.spec.points(method, subset, self.norms)
-            outcome = run_search(points, self.unit(method, subset, "validation"), self.log, method=method,
-                                 task_count=len(subset), group=group_name(subset, method), progress=self.progress, desc=method)
-            test = self.unit(method, subset, "test")(outcome.best_point)
-            record = {
-                "kind": "result", "subset": list(subset), "method": method, "params": outcome.best_point.parameters,
-                "grid_size": len(points), "val_score": outcome.best["selection"],
-                "test_accuracy": test.details["accuracy"], "test_normalized": test.scores, "score": mean(test.scores),
-            }
-            self.log.append(record)
-            results.append(record)
-        return results
+        units = [
+            SubsetUnit(subset, method, self.spec.points(method, subset, self.norms), list(self.log.points(group_name(subset, method)).values()))
+            for subset, method in work if (subset, method) not in done_results
+        ]
+        search = SubsetSearch(self.models, self.norms, self.spec.training, self.reference, progress=self.progress)
+        if workers.distributed:
+            search.session_arguments = self.session.arguments()
+        else:  # here: the session already loaded, each point logged as soon as it is scored
+            search.session, search.log = self.session, self.log
+        bar = tqdm(total=len(work), initial=len(work) - len(units), desc="subsets × methods", unit="run", disable=not self.progress)
+        with bar:
+            for unit, outcome, _ in run_units(call, search, units, workers):
+                for record in outcome.points:
+                    self.log.append(record)
+                done_results[(unit.subset, unit.method)] = self.log.append(outcome.result)
+                bar.set_postfix_str(f"{unit.method} on {'+'.join(unit.subset)}")
+                bar.update()
+        return [done_results[key] for key in work]
+
+
+@dataclass
+class SubsetUnit:
+    """A method's search on a subset; ``done``: its point records already in the log."""
+
+    subset: Subset
+    method: str
+    points: List[Point]
+    done: List[Dict[str, Any]]
+
+
+@dataclass
+class SubsetOutcome:
+    points: List[Dict[str, Any]]  # point records the driver still has to write
+    result: Dict[str, Any]  # the ``kind: result`` record
+
+
+@dataclass
+class SubsetSearch:
+    """The unit of work of the experiment: the grid search of one method on one subset on
+    validation, and the best point scored on test.
+
+    In the driver ``session`` and ``log`` are set: points are logged as they are scored.
+    On a Ray worker (which gets this object once, the towers through the object store)
+    the worker loads its own session from ``session_arguments`` (heads and images come
+    from the cache the driver filled) and returns the point records for the driver to write."""
+
+    models: Dict[str, Dict[str, torch.Tensor]]  # every task's fine-tuned tower
+    norms: Dict[str, float]
+    training: Optional[Dict[str, Training]]
+    reference: Dict[str, Dict[str, float]]  # task -> split -> fine-tuned accuracy
+    progress: bool = False
+    session_arguments: Optional[Dict[str, Any]] = None
+    session: Optional[Session] = None
+    log: Optional[ResultLog] = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**self.__dict__, "session": None, "log": None, "progress": False}
+
+    def _session(self) -> Session:
+        if self.session is None:
+            assert self.session_arguments is not None
+            self.session = Session(**self.session_arguments, progress=False)
+            self.models = {t: {k: v.to(self.session.device) for k, v in m.items()} for t, m in self.models.items()}
+        return self.session
+
+    def unit(self, method: str, subset: Subset, split: str) -> ClipPoint:
+        """The unit of work scoring one grid point of ``method`` on ``subset``."""
+        session = self._session()
+        per_model = {"norms": self.norms, "training": self.training}
+        reference = {t: self.reference[t][split] for t in subset}
+        return ClipPoint(session, session.base_state, {t: self.models[t] for t in subset}, method, per_model, reference, split)
+
+    def __call__(self, unit: SubsetUnit) -> SubsetOutcome:
+        subset, method = unit.subset, unit.method
+        log = self.log
+        if log is None:
+            log = ResultLog(None)
+            log.records.extend(unit.done)
+        written = len(log.records)
+        outcome = run_search(unit.points, self.unit(method, subset, "validation"), log, method=method, task_count=len(subset),
+                             group=group_name(subset, method), progress=self.progress, desc=method)
+        test = self.unit(method, subset, "test")(outcome.best_point)
+        record = {
+            "kind": "result", "subset": list(subset), "method": method, "params": outcome.best_point.parameters,
+            "grid_size": len(unit.points), "val_score": outcome.best["selection"],
+            "test_accuracy": test.details["accuracy"], "test_normalized": test.scores, "score": mean(test.scores),
+        }
+        return SubsetOutcome([] if log is self.log else log.records[written:], record)

@@ -16,7 +16,8 @@ import click
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG: norm bars and a cosine heatmap.")
 @click.option("--device", default="cpu", show_default=True, help="Device for the arithmetic (cpu, cuda, ...).")
-def inspect_command(recipe: Path, json_path: Optional[str], plot_path: Optional[Path], device: str) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Show the traceback of an error.")
+def inspect_command(recipe: Path, json_path: Optional[str], plot_path: Optional[Path], device: str, verbose: bool) -> None:
     """Norms, cosines and sign agreement of RECIPE's task vectors, streamed one tensor at a time.
 
     Also: outliers (norm over 3x or under 1/3 of the median norm), which FedGMA ρ
@@ -26,7 +27,7 @@ def inspect_command(recipe: Path, json_path: Optional[str], plot_path: Optional[
     from fedmerge_plugins.cli import one_line_errors
     from fedmerge_plugins.diagnostics.report import build_report, format_report, report_json
 
-    with one_line_errors():
+    with one_line_errors(verbose):
         report = build_report(recipe, device=device)
     if json_path == "-":
         click.echo(json.dumps(report_json(report), indent=1))

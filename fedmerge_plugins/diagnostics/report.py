@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -28,9 +27,11 @@ from fedmerge_plugins.diagnostics.stats import (
 
 @dataclass
 class FedNovaTraining:
-    steps: List[int]
-    learning_rates: List[float]
-    effective_steps: List[float]  # ‖a_t‖₁ = steps × learning rate
+    sources: List[str]  # where ‖a_t‖₁ came from: constant, schedule, log+schedule (exact) or log (estimate)
+    details: List[str]  # the schedule, or the logs read
+    steps: List[int]  # optimizer steps
+    effective_steps: List[float]  # ‖a_t‖₁ = Σ_k η_t^(k)
+    bounds: List[float]  # |error| of ‖a_t‖₁ ≤ bound (0: exact)
     weights: List[float]  # w_t
     chi_square: float  # χ²(p‖w)
 
@@ -48,22 +49,20 @@ class InspectReport:
     fednova: Optional[FedNovaTraining]
 
 
-def _parameter(config: Any, model: Any, key: str, default: Any) -> Any:
-    """A per-model value as mergekit resolves it: the model's own, else a shared default."""
-    from fedmerge_plugins.recipe import RecipeError, model_value
-
-    found = model_value(config, model, key, default)
-    if not isinstance(found, (int, float)) or isinstance(found, bool):
-        raise RecipeError(f"fednova: model {model}: inspect needs a plain number for `{key}`, got {found!r}")
-    return found
-
-
 def fednova_training(config: Any, models: Sequence[Any]) -> FedNovaTraining:
-    steps = [int(_parameter(config, m, "steps", None)) for m in models]
-    rates = [float(_parameter(config, m, "learning_rate", 1.0)) for m in models]
-    effective = [float(Fraction(s) * Fraction(r)) for s, r in zip(steps, rates)]
-    weights = fednova_weights([Fraction(s) * Fraction(r) for s, r in zip(steps, rates)])
-    return FedNovaTraining(steps, rates, effective, weights, chi_square(weights))
+    from fedmerge_plugins.recipe import training_record
+
+    records = [training_record(config, m) for m in models]
+    weights = fednova_weights([r.value for r in records])
+    return FedNovaTraining(
+        sources=[r.source for r in records],
+        details=[r.detail for r in records],
+        steps=[r.steps for r in records],
+        effective_steps=[float(r.value) for r in records],
+        bounds=[float(r.bound) for r in records],
+        weights=weights,
+        chi_square=chi_square(weights),
+    )
 
 
 def short_labels(models: Sequence[Any]) -> List[str]:
@@ -129,9 +128,11 @@ def report_json(report: InspectReport) -> Dict[str, Any]:
         "fednova": None
         if report.fednova is None
         else {
+            "sources": report.fednova.sources,
+            "details": report.fednova.details,
             "steps": report.fednova.steps,
-            "learning_rate": report.fednova.learning_rates,
             "effective_steps": report.fednova.effective_steps,
+            "bounds": report.fednova.bounds,
             "weights": report.fednova.weights,
             "chi_square": report.fednova.chi_square,
         },
@@ -189,8 +190,13 @@ def format_report(report: InspectReport) -> str:
     lines += ["", f"CCLIP ρ grid (paper: 5 values from min ‖τ‖ included to max ‖τ‖ excluded): {grid}"]
     if report.fednova is not None:
         nova = report.fednova
-        lines += ["", "FedNova training (section 4.2): ‖a_t‖₁ = steps × learning rate, w_t = ‖a_t‖₁ / Σ_s ‖a_s‖₁"]
-        for label, steps, rate, effective, weight in zip(stats.labels, nova.steps, nova.learning_rates, nova.effective_steps, nova.weights):
-            lines.append(f"  {label:<{width}}  steps {steps:>8}  lr {rate:<10.4g}  ‖a‖₁ {effective:<10.4g}  w {weight:.4f} (1/T = {1 / T:.4f})")
+        lines += ["", "FedNova training (section 4.2): ‖a_t‖₁ = Σ_k η_t^(k), w_t = ‖a_t‖₁ / Σ_s ‖a_s‖₁"]
+        rows = zip(stats.labels, nova.sources, nova.steps, nova.effective_steps, nova.bounds, nova.weights, nova.details)
+        for label, source, steps, effective, bound, weight, detail in rows:
+            error = f" ± {bound:.3g}" if bound else ""
+            lines.append(
+                f"  {label:<{width}}  {source:<12}  steps {steps:>8}  ‖a‖₁ {effective:<10.6g}{error:<10}  w {weight:.4f} (1/T = {1 / T:.4f})"
+            )
+            lines.append(f"  {'':<{width}}    {detail}")
         lines.append(f"  χ²(p‖w) = {nova.chi_square:.6g}  (0 for equal training; task arithmetic's objective drifts as it grows)")
     return "\n".join(lines)

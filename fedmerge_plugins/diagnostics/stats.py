@@ -4,10 +4,11 @@ For each tensor name of the base checkpoint (in the base's order), the base tens
 every task model's tensor are loaded, used and dropped, so memory holds one tensor name
 at a time whatever the model size.
 
-- Norms ‖τ_t‖ are the sum ``fedmerge_plugins.norms.stream_norm`` makes, term by term and
-  in the same order, so they are the very numbers CCLIP uses; they are stored in the
-  norm cache under the same key (a norm already cached is reported as cached, since
-  that is the value a merge will use).
+- Norms ‖τ_t‖ are summed by ``fedmerge_plugins.norms.NormSums``, the accumulator of the
+  norm pass ``norms.stream_norms``, term by term and in the same order, so they are the very
+  numbers CCLIP uses; they are looked up and stored through ``norms.resolve_norms`` under
+  the same keys (a norm already cached is reported as cached, since that is the value a
+  merge will use).
 - Inner products ⟨τ_s, τ_t⟩ (float64) give cosines. They, the zero counts and the sign
   agreement use the tensors every task model shares with the base, trimmed to the rows
   all of them have (the vocabulary rule of ``norms.shared_rows``).
@@ -28,7 +29,8 @@ from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 from tqdm.auto import tqdm
 
-from fedmerge_plugins.norms import CACHE, NormCache, cache_key, model_index, shared_rows, squared_distance
+from fedmerge_plugins.norm_cache import CACHE, NormCache
+from fedmerge_plugins.norms import NormSums, model_index, resolve_norms, shared_names, shared_rows
 
 CHUNK = 1 << 22  # coordinates per float64 block of the Gram accumulation
 
@@ -112,33 +114,20 @@ def collect_stats(
     indices: List[ShardedTensorIndex] = [model_index(m) for m in models]
     base_loader = LazyTensorLoader(base_index)
     loaders = [LazyTensorLoader(index) for index in indices]
-    squares = [0.0] * len(models)
-    shared = [0] * len(models)
+    sums = NormSums(labels)
     accumulator = _Accumulator(len(models))
-    for name in tqdm(list(base_index.tensor_paths), desc="streaming task vectors", unit="tensor", leave=False):
-        present = [t for t, index in enumerate(indices) if name in index.tensor_paths]
-        if not present:
-            continue
+    for name, present in tqdm(list(shared_names(base_index, indices)), desc="streaming task vectors", unit="tensor", leave=False):
         base_tensor = base_loader.get_tensor(name, device=device)
         if not base_tensor.is_floating_point():
             continue
         tensors = {t: loaders[t].get_tensor(name, device=device) for t in present}
-        for t, tensor in tensors.items():  # exactly stream_norm's terms, in its order
-            squares[t] += squared_distance(name, base_tensor, tensor, labels[t])
-            shared[t] += 1
+        for t, tensor in tensors.items():  # exactly stream_norms's terms, in its order
+            sums.add(t, name, base_tensor, tensor)
         if len(present) == len(models):
             accumulator.add(name, base_tensor, [tensors[t] for t in range(len(models))], labels)
         del tensors, base_tensor
-    norms, cached = [], []
-    for t, index in enumerate(indices):
-        if shared[t] == 0:
-            raise ValueError(f"model {labels[t]} shares no floating-point tensor name with the base model")
-        key = cache_key(base_index, index)
-        known = cache.get(key)
-        if known is None:
-            cache.put(key, math.sqrt(squares[t]), base=base_index.base_path, model=index.base_path)
-        norms.append(math.sqrt(squares[t]) if known is None else known)
-        cached.append(known is not None)
+    computed = sums.norms()
+    norms, cached = resolve_norms(base_index, indices, lambda missing: [computed[t] for t in missing], cache)
     return TaskVectorStats(
         labels=labels,
         norms=norms,

@@ -22,6 +22,7 @@ from fedmerge_plugins.evaluation.backends import Backend
 from fedmerge_plugins.evaluation.loaders import check_split, local_path
 from fedmerge_plugins.evaluation.sandbox import require_isolation
 from fedmerge_plugins.evaluation.tasks import PAPER_TASKS, TASKS, get_spec, parse_task_list
+from fedmerge_plugins.model_folder import check_model_folder
 
 TASKS_DIR_ENV = "FEDMERGE_EVAL_TASKS"
 # lm-eval warnings that every run of these tasks would print, with nothing to act on
@@ -259,6 +260,8 @@ def evaluate_model(
     ``batch_size`` and ``dtype``); checked before any data or model is read.
     """
     names = parse_task_list(tasks)
+    if Path(model_dir).is_dir():  # a local folder (not a hub id): finished, with a tokenizer
+        check_model_folder(model_dir)
     backend = backend or Backend(device=device, batch_size=batch_size, dtype=dtype)
     backend.check()
     check_request(

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence
 
 import torch
 from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, TensorGroup
 
+from fedmerge_plugins.errors import NonFiniteError
 from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, weighted_task_sum
 from fedmerge_plugins.params import LAMBDA, ClipRho, Norm, per_model, shared
 
-# (base id, model id, device) -> ‖θ_model − θ_base‖ over every weight of the checkpoints.
-NormProvider = Callable[[Hashable, Hashable, torch.device], float]
+# (base id, model ids, device) -> ‖θ_model − θ_base‖ per model, over every weight of the checkpoints.
+NormProvider = Callable[[Hashable, Sequence[Hashable], torch.device], List[float]]
 
 
 def clip_coefficients(rho: float, norms: Sequence[float]) -> List[float]:
@@ -19,12 +20,13 @@ def clip_coefficients(rho: float, norms: Sequence[float]) -> List[float]:
     return [1.0 if norm <= rho else rho / norm for norm in norms]
 
 
-def checkpoint_norm_provider(base: Hashable, model: Hashable, device: torch.device) -> float:
-    """The default provider: the streaming, cached norm of mergekit's input checkpoints
-    (``fedmerge_plugins.norms.reference_norm``; ids must be mergekit ModelReferences)."""
-    from fedmerge_plugins.norms import reference_norm
+def checkpoint_norm_provider(base: Hashable, models: Sequence[Hashable], device: torch.device) -> List[float]:
+    """The default provider: the cached norms of mergekit's input checkpoints, those not
+    cached computed together in one streaming pass (``fedmerge_plugins.norms.reference_norms``;
+    ids must be mergekit ModelReferences)."""
+    from fedmerge_plugins.norms import reference_norms
 
-    return reference_norm(base, model, device)
+    return reference_norms(base, models, device)
 
 
 class CClipMerge(GroupMergeMethod):
@@ -45,19 +47,27 @@ class CClipMerge(GroupMergeMethod):
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         """θ_0 + λ Σ_t τ_t · min(1, ρ / ‖τ_t‖), ‖τ_t‖ the L2 norm of model t's WHOLE task vector (eq. 14)."""
-        norms = [self._norm(group, entry.id, parameters["norm"][entry.id]) for entry in group.non_base]
+        norms = self._norms(group, parameters["norm"])
         coefficients = clip_coefficients(parameters["rho"], norms)
         return weighted_task_sum(group, coefficients, parameters["lambda"], "cclip")
 
-    def _norm(self, group: TensorGroup, model: Hashable, override: Optional[float]) -> float:
-        if override is not None:
-            return override
-        if self.norm_provider is None:
+    def _norms(self, group: TensorGroup, overrides: Mapping[Hashable, Optional[float]]) -> List[float]:
+        """Each task model's `norm` where given, the others from the provider in one call."""
+        ids = [entry.id for entry in group.non_base]
+        missing = [model for model in ids if overrides[model] is None]
+        provided: Dict[Hashable, float] = {}
+        if missing and self.norm_provider is None:
             raise ValueError(
-                f"cclip: no task-vector norm for model {model!r}: pass the per-model parameter "
+                f"cclip: no task-vector norm for model {missing[0]!r}: pass the per-model parameter "
                 "`norm` (fedmerge_plugins.norms.state_dict_norms computes it from state dicts)"
             )
-        return self.norm_provider(group.base.id, model, group.base.tensor.device)
+        if missing:
+            try:
+                found = self.norm_provider(group.base.id, missing, group.base.tensor.device)
+            except NonFiniteError as error:  # the streaming norm met a NaN: say which method stopped
+                raise NonFiniteError(f"cclip: {error}") from None
+            provided = dict(zip(missing, found))
+        return [provided[model] if overrides[model] is None else overrides[model] for model in ids]
 
 
 cclip_merge = CClipMerge()

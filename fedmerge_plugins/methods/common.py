@@ -17,6 +17,8 @@ from typing import Callable, List, Sequence
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, TensorGroup
 
+from fedmerge_plugins.errors import NonFiniteError
+
 ARXIV = "https://arxiv.org/abs/2411.18607"
 BASE_REQUIRED = InputContract(base=BasePolicy.REQUIRED)
 BLOCK = 1 << 18  # elements per block on the CPU: 1 MiB per float32 buffer
@@ -105,8 +107,8 @@ def raise_non_finite(group: TensorGroup, method: str) -> None:
     for entry in group.entries:
         if entry.tensor.is_floating_point() and not bool(torch.isfinite(entry.tensor).all()):
             role = "base model" if entry.is_base else "model"
-            raise ValueError(
+            raise NonFiniteError(
                 f"{method}: {role} {entry.id} has NaN or inf values in tensor {name}; "
                 "its task vector is undefined"
             )
-    raise ValueError(f"{method}: merged tensor {name} is not finite (overflow); lower lambda")
+    raise NonFiniteError(f"{method}: merged tensor {name} is not finite (overflow); lower lambda")

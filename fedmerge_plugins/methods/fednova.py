@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any, List, Sequence
+from typing import Any, List, Sequence, Union
 
 import torch
 from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, TensorGroup
 
 from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, weighted_task_sum
-from fedmerge_plugins.params import LAMBDA, LearningRate, Steps, per_model
+from fedmerge_plugins.params import (
+    LAMBDA, LearningRate, ScheduleName, Steps, TrainingLog, WarmupRatio, WarmupSteps, per_model,
+)
+from fedmerge_plugins.training_record import RECORD_KEYS, effective_steps
 
 
-def fednova_coefficients(effective_steps: Sequence[float]) -> List[float]:
+def fednova_coefficients(effective: Sequence[Union[float, Fraction]]) -> List[float]:
     """c_t = (1/T Σ_s ‖a_s‖₁) / ‖a_t‖₁, in exact rational arithmetic, rounded once.
 
     Only ratios matter; equal training gives exactly c_t = 1 (task arithmetic).
     """
-    exact = [Fraction(a) for a in effective_steps]
+    exact = [Fraction(a) for a in effective]
     mean = sum(exact, Fraction(0)) / len(exact)
     return [float(mean / a) for a in exact]
 
@@ -30,16 +33,19 @@ class FedNovaMerge(GroupMergeMethod):
         contract=BASE_REQUIRED,
         parameters=(
             LAMBDA,
-            per_model("steps", Steps, doc="optimizer steps the task model was trained for"),
-            per_model("learning_rate", LearningRate, 1.0, doc="constant learning rate, or the mean over steps"),
+            per_model("steps", Steps, None, doc="optimizer steps the task model was trained for"),
+            per_model("learning_rate", LearningRate, None, doc="constant rate (default 1), or the schedule's peak"),
+            per_model("schedule", ScheduleName, None, doc="transformers' scheduler name; Σ_k η_k stepped exactly"),
+            per_model("warmup_steps", WarmupSteps, None, doc="warm-up steps (below 1: a ratio, as transformers 5)"),
+            per_model("warmup_ratio", WarmupRatio, None, doc="warm-up as a share of the steps (transformers 4)"),
+            per_model("training_log", TrainingLog, None, doc="trainer_state.json or Trainer output folders, joined by ':'"),
         ),
     )
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        """θ_0 + λ · (1/T Σ_s ‖a_s‖₁) · Σ_t τ_t / ‖a_t‖₁, ‖a_t‖₁ = steps_t × learning_rate_t (eq. 11)."""
+        """θ_0 + λ · (1/T Σ_s ‖a_s‖₁) · Σ_t τ_t / ‖a_t‖₁, ‖a_t‖₁ = Σ_k η_t^(k) (eq. 11)."""
         effective = [
-            Fraction(parameters["steps"][entry.id]) * Fraction(parameters["learning_rate"][entry.id])
-            for entry in group.non_base
+            effective_steps({key: parameters[key][entry.id] for key in RECORD_KEYS}).value for entry in group.non_base
         ]
         return weighted_task_sum(group, fednova_coefficients(effective), parameters["lambda"], "fednova")
 

@@ -7,6 +7,9 @@ from typing import Optional, Tuple
 
 import click
 
+from fedmerge_plugins.cli import worker_options
+from fedmerge_plugins.evaluation.cli import backend_options
+
 
 def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[int]:
     if value is None:
@@ -33,6 +36,9 @@ def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
 @click.option("--limit", type=int, default=None, help="lm-eval: score at most this many items per task.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Evaluation batch size [default: lm-eval 8, CLIP 128].")
 @click.option("--allow-code-execution", is_flag=True, help="lm-eval: allow humaneval/mbpp to run model-written code.")
+@click.option("--max-gen-toks", type=click.IntRange(min=0), default=None,
+              help="lm-eval: most tokens generated per answer [default: 256]; 0 keeps each task's own (the paper's).")
+@backend_options
 @click.option("--clip-base", default=None, help="CLIP: base CLIPModel (text encoder, heads, processor) [default: openai/clip-vit-base-patch32].")
 @click.option("--finetuned", multiple=True, metavar="TASK=SRC", help="CLIP: fine-tuned vision tower of a task, for normalized accuracy (repeatable).")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="CLIP: folder with one fine-tuned tower per task (<dir>/<task>).")
@@ -45,6 +51,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
 @click.option("--max-memory", callback=_size, default=None, metavar="SIZE", help="Memory the sweep may plan with (e.g. 24GB); default: what is available.")
 @click.option("--device", default="cpu", show_default=True, help="Device for merging and evaluation (a winner merged on cuda is reproduced by mergekit-yaml --cuda).")
 @click.option("--keep-merges", is_flag=True, help="Keep every point's merged model in OUT/merges/.")
+@worker_options
 @click.option("-v", "--verbose", is_flag=True, help="Show the traceback of an error.")
 def sweep_command(
     recipe: Path,
@@ -58,6 +65,12 @@ def sweep_command(
     limit: Optional[int],
     batch_size: Optional[int],
     allow_code_execution: bool,
+    max_gen_toks: Optional[int],
+    backend: str,
+    tensor_parallel_size: int,
+    data_parallel_size: int,
+    gpu_memory_utilization: Optional[float],
+    max_model_len: Optional[int],
     clip_base: Optional[str],
     finetuned: Tuple[str, ...],
     models_dir: Optional[Path],
@@ -67,6 +80,9 @@ def sweep_command(
     max_memory: Optional[int],
     device: str,
     keep_merges: bool,
+    workers: int,
+    ray_address: Optional[str],
+    gpus_per_worker: Optional[float],
     verbose: bool,
 ) -> None:
     """Merge RECIPE at every grid point, score each merge, keep the best.
@@ -75,16 +91,28 @@ def sweep_command(
     again to resume. The winner is written as OUT/winner.yml, a recipe mergekit-yaml
     merges to the very same weights.
     """
-    from fedmerge_plugins.cli import one_line_errors
+    from fedmerge_plugins.cli import one_line_errors, worker_settings
+
+    settings = worker_settings(workers, ray_address, gpus_per_worker)
+    with one_line_errors(verbose):
+        settings.check()  # Ray missing: one line, before torch or mergekit is even imported
     from fedmerge_plugins.clip.sources import SourceError
+    from fedmerge_plugins.evaluation.cli import backend_from_options
     from fedmerge_plugins.sweep.evaluators import load_reference, make_evaluator
     from fedmerge_plugins.sweep.run import run_sweep
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     options = {}
+    vllm = dict(tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
     if eval_spec == "lm-eval":
+        lm_backend = backend_from_options(backend, device=device, batch_size=batch_size or 8, **vllm)
         options = dict(data_dir=data_dir, split=split, validation_fraction=validation_fraction, limit=limit,
-                       allow_code_execution=allow_code_execution, device=device)
+                       allow_code_execution=allow_code_execution, device=device, backend=lm_backend)
+        if max_gen_toks is not None:  # only when given: the default keeps older logs' fingerprints
+            options["max_gen_toks"] = max_gen_toks or None
+    elif backend != "hf" or tensor_parallel_size != 1 or data_parallel_size != 1 or gpu_memory_utilization or max_model_len:
+        raise click.UsageError("--backend and the vllm settings are for --eval lm-eval only")
     elif eval_spec == "clip":
         options = dict(data_dir=data_dir, base=clip_base, finetuned=finetuned, models_dir=models_dir, split=split, device=device)
     if batch_size is not None and options:
@@ -106,4 +134,5 @@ def sweep_command(
             max_memory=max_memory,
             device=device,
             keep_merges=keep_merges,
+            workers=settings,
         )

@@ -53,7 +53,16 @@ class PythonEvaluator:
         target, _, name = spec.removeprefix("python:").rpartition(":")
         if not target or not name:
             raise SweepError(f"--eval {spec!r}: expected python:MODULE:FUNCTION or python:FILE.py:FUNCTION")
-        self.function = self._load(target, name, spec)
+        self.target = str(Path(target).resolve()) if target.endswith(".py") else target
+        self.name = name
+        self.function = self._load(self.target, name, spec)
+
+    def __getstate__(self) -> Dict[str, str]:  # to a Ray worker: loaded again there
+        return {"description": self.description, "target": self.target, "name": self.name}
+
+    def __setstate__(self, state: Dict[str, str]) -> None:
+        self.__dict__.update(state)
+        self.function = self._load(self.target, self.name, self.description)
 
     @staticmethod
     def _load(target: str, name: str, spec: str) -> Callable[[str], Any]:
@@ -84,17 +93,25 @@ class LmEvalEvaluator:
         from fedmerge_plugins.evaluation.api import check_request
         from fedmerge_plugins.evaluation.tasks import parse_task_list
 
+        from fedmerge_plugins.evaluation.backends import Backend, BackendError
+
         self.options = options
         checked = {"data_dir": None, "split": "test", "validation_fraction": None, "allow_code_execution": False}
         checked.update({k: v for k, v in options.items() if k in (*checked, "limit", "batch_size", "max_gen_toks")})
+        backend: Backend = options.get("backend") or Backend()
         try:
+            backend.check()
             self.tasks = parse_task_list(tuple(tasks))
             check_request(self.tasks, **checked)
+        except BackendError as error:
+            raise SweepError(f"--eval lm-eval: {error}") from None
         except (ValueError, FileNotFoundError) as error:
             hint = " (pass --validation-fraction, or --split test)" if "validation fraction" in str(error) else ""
             raise SweepError(f"--eval lm-eval: {error}{hint}") from None
-        shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(options.items()) if k != "device"}
-        self.description = f"lm-eval tasks={','.join(self.tasks)} {json.dumps(shown, sort_keys=True)}"
+        shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(options.items()) if k not in ("device", "backend")}
+        # the backend generates differently (hf and vllm differ in numerics); its parallelism does not count
+        suffix = "" if backend.name == "hf" else f" backend={backend.name}"
+        self.description = f"lm-eval tasks={','.join(self.tasks)} {json.dumps(shown, sort_keys=True)}{suffix}"
 
     def evaluate(self, model_dir: Path) -> Scores:
         from fedmerge_plugins.evaluation.api import evaluate_model
@@ -134,6 +151,9 @@ class ClipEvaluator:
             f"finetuned={json.dumps(self.finetuned, sort_keys=True)}"
         )
         self._session: Any = None
+
+    def __getstate__(self) -> Dict[str, Any]:  # to a Ray worker, which loads its own session
+        return {**self.__dict__, "_session": None}
 
     def evaluate(self, model_dir: Path) -> Scores:
         from fedmerge_plugins.clip.evaluate import Session, evaluate_tower

@@ -6,8 +6,9 @@ that stands in for mergekit's loader of that model for the whole sweep; every po
 runs the unchanged ``run_merge`` (dtype casts, vocabulary alignment, the method kernel,
 output dtype, shards, config and tokenizer), so a point's output is, bit for bit, what
 ``mergekit-yaml`` writes for the point's recipe. CCLIP's global norms are computed from
-the same in-memory tensors by ``norms.stream_norm`` and stored in the norm cache under the
-checkpoint's key, where the kernel (and a later ``mergekit-yaml``) finds them.
+the same in-memory tensors by the norm pass (``norms.loader_norms``, all task models in
+one pass) and stored in the norm cache under the checkpoints' keys, where the kernel (and
+a later ``mergekit-yaml``) finds them.
 
 In disk mode nothing is held: ``run_merge`` reads the checkpoints for every point.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -27,12 +29,13 @@ from mergekit.options import MergeOptions
 from tqdm.auto import tqdm
 
 
+@dataclass
 class MemoryLoader:
-    """A ``LazyTensorLoader`` look-alike over tensors already in memory."""
+    """A ``LazyTensorLoader`` look-alike over tensors already in memory (a dataclass, so
+    that ``workers.pack`` ships its tensors through Ray's object store)."""
 
-    def __init__(self, index: ShardedTensorIndex, tensors: Dict[str, torch.Tensor]) -> None:
-        self.index = index
-        self.tensors = tensors
+    index: ShardedTensorIndex
+    tensors: Dict[str, torch.Tensor]
 
     def get_tensor(
         self, key: str, device: str = "cpu", aliases: Optional[List[str]] = None, raise_on_missing: bool = True
@@ -70,7 +73,7 @@ def inputs_in_memory(models: Sequence[ModelReference], options: MergeOptions) ->
     try:
         for model in models:
             loaders[model] = read_checkpoint(model)
-            cache.loaders[model] = loaders[model]  # type: ignore[assignment]
+            install({model: loaders[model]})
         yield loaders
     finally:
         for model, loader in saved.items():
@@ -81,29 +84,36 @@ def inputs_in_memory(models: Sequence[ModelReference], options: MergeOptions) ->
         loaders.clear()
 
 
+def install(loaders: Dict[ModelReference, MemoryLoader]) -> None:
+    """Let mergekit load ``loaders``' models from them (on a Ray worker, once: afterwards
+    each is already in place)."""
+    cache = LoaderCache()
+    for model, loader in loaders.items():
+        if cache.loaders.get(model) is not loader:
+            cache.loaders[model] = loader  # type: ignore[assignment]
+
+
 def memory_norms(base: ModelReference, tasks: Sequence[ModelReference], loaders: Dict[ModelReference, MemoryLoader]) -> List[float]:
     """CCLIP's global norms from the in-memory tensors, cached under the checkpoints' keys."""
-    from fedmerge_plugins.norms import loader_norm
+    from fedmerge_plugins.norms import loader_norms
 
-    return [loader_norm(loaders[base], loaders[task], model_label=str(task)) for task in tasks]  # type: ignore[arg-type]
+    return loader_norms(loaders[base], [loaders[task] for task in tasks], labels=[str(task) for task in tasks])  # type: ignore[arg-type, list-item]
 
 
 def disk_norms(base: ModelReference, tasks: Sequence[ModelReference], device: str = "cpu") -> List[float]:
-    from fedmerge_plugins.norms import recipe_norms
+    from fedmerge_plugins.norms import reference_norms
 
-    return recipe_norms(base, tasks, device=device)
-
-
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+    return reference_norms(base, tasks, device=device)
 
 
 def merge_options(base: ModelReference, device: str = "cpu") -> MergeOptions:
     """mergekit-yaml's defaults, quiet, without a model card, and copying the base's
     tokenizer only where it has one (a CLIP vision tower has none)."""
+    from fedmerge_plugins.model_folder import has_tokenizer
     from fedmerge_plugins.norms import model_index
 
     folder = Path(model_index(base).base_path)
-    copy_tokenizer = any((folder / name).exists() for name in TOKENIZER_FILES)
+    copy_tokenizer = has_tokenizer(folder)
     return MergeOptions(device=device, write_model_card=False, quiet=True, copy_tokenizer=copy_tokenizer)
 
 

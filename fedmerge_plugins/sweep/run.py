@@ -10,8 +10,10 @@ tensor shapes included.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -22,6 +24,7 @@ from fedmerge_plugins.sweep.errors import SweepError
 from fedmerge_plugins.sweep.evaluators import Evaluator, selection_score
 from fedmerge_plugins.sweep.grid import check_sweepable, parse_values, point_config
 from fedmerge_plugins.sweep.results import fingerprint, results_table
+from fedmerge_plugins.workers import WorkerSettings
 
 RESULTS = "results.jsonl"
 WINNER = "winner.yml"
@@ -91,11 +94,20 @@ def open_log(out: Path, plan: SweepPlan, evaluator: Evaluator, reference: Option
                      hint="use another --out directory or delete the file")
 
 
-def _cached_norms(base, tasks) -> Optional[List[float]]:
-    from fedmerge_plugins.norms import CACHE, cache_key, model_index
+def _norm_keys(base, tasks) -> List[str]:
+    """The norm-cache key of each task model's norm against ``base``."""
+    from fedmerge_plugins.norm_cache import cache_keys
+    from fedmerge_plugins.norms import model_index
 
-    found = [CACHE.get(cache_key(model_index(base), model_index(task))) for task in tasks]
-    return None if any(n is None for n in found) else [float(n) for n in found]
+    return cache_keys(model_index(base), [model_index(task) for task in tasks])
+
+
+def _cached_norms(base, tasks) -> Optional[List[float]]:
+    from fedmerge_plugins.norm_cache import CACHE
+
+    keys = _norm_keys(base, tasks)
+    found = CACHE.lookup(keys)
+    return [found[key] for key in keys] if all(key in found for key in keys) else None
 
 
 def choose_mode(mode: str, models: List, max_memory: Optional[int], echo: Callable[[str], None]) -> str:
@@ -123,22 +135,47 @@ def choose_mode(mode: str, models: List, max_memory: Optional[int], echo: Callab
 
 @dataclass
 class SweepPoint:
-    """One grid point's unit of work: merge its recipe with ``run_merge`` (reading the
-    inputs mergekit's loader cache holds) into ``out/merges/point-NNNN``, score it."""
+    """One grid point's unit of work: merge its recipe with ``run_merge`` into
+    ``out/merges/point-NNNN`` and score it.
+
+    In memory mode ``inputs`` holds the input checkpoints that mergekit's loader cache
+    serves; ``norms`` holds CCLIP's norms by norm-cache key. Both are computed once by the
+    driver; on a Ray worker (which gets this object once, tensors through the object
+    store) the first point puts them in place, in the driver's working directory, so that
+    recipe paths resolve as they do for ``mergekit-yaml``."""
 
     data: Dict[str, Any]
     out: Path
     options: Any  # mergekit MergeOptions
     evaluator: Evaluator
     keep_merges: bool = False
+    inputs: Dict[Any, Any] = field(default_factory=dict)  # ModelReference -> merger.MemoryLoader
+    norms: Dict[str, float] = field(default_factory=dict)
+    workdir: str = field(default_factory=os.getcwd)
 
     def __call__(self, point: Point) -> Evaluation:
-        from fedmerge_plugins.sweep.merger import merge_point
+        from fedmerge_plugins.norm_cache import CACHE
+        from fedmerge_plugins.sweep.merger import install, merge_point
 
-        merged = merge_point(point_config(self.data, point), Path(self.out) / "merges" / f"point-{point.index:04d}", self.options)
-        scores = self.evaluator.evaluate(merged)
-        if not self.keep_merges:
-            shutil.rmtree(merged)
+        if os.getcwd() != self.workdir:
+            os.chdir(self.workdir)
+        install(self.inputs)
+        for key, norm in self.norms.items():
+            CACHE.remember(key, norm)
+        name = f"point-{point.index:04d}"
+        merges = Path(self.out) / "merges"
+        merges.mkdir(parents=True, exist_ok=True)
+        # a folder of this attempt's own: an attempt still running elsewhere (a worker of a
+        # killed driver, a retried unit) never writes into it
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=merges))
+        try:
+            merged = merge_point(point_config(self.data, point), staging / name, self.options)
+            scores = self.evaluator.evaluate(merged)
+            if self.keep_merges:
+                shutil.rmtree(merges / name, ignore_errors=True)
+                os.replace(merged, merges / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return Evaluation(scores)
 
 
@@ -154,16 +191,21 @@ def run_sweep(
     max_memory: Optional[int] = None,
     device: str = "cpu",
     keep_merges: bool = False,
+    workers: Optional[WorkerSettings] = None,
     echo: Callable[[str], None] = click.echo,
 ) -> SweepOutcome:
     """Merge and score every grid point of ``recipe`` (resuming ``out/results.jsonl``), then
     write ``out/winner.yml``. ``lambdas``/``rhos``: grid option text (``rhos="paper"`` for
-    the paper's grid of cclip or fedgma)."""
+    the paper's grid of cclip or fedgma). ``workers``: score the points on Ray workers
+    (``WorkerSettings(workers=N)`` or ``ray_address=...``); the inputs are read and CCLIP's
+    norms computed here, once, and only this process writes the log."""
     from fedmerge_plugins.recipe import recipe_models
     from fedmerge_plugins.sweep.merger import disk_norms, inputs_in_memory, memory_norms, merge_options
 
     if mode not in MODES:
         raise SweepError(f"--mode {mode!r}: use one of {', '.join(MODES)}")
+    workers = workers or WorkerSettings()
+    workers.check()
     plan = plan_sweep(recipe, lambdas, rhos)
     log = open_log(out, plan, evaluator, reference)
     for point in plan.points():
@@ -193,17 +235,19 @@ def run_sweep(
             for point in points:
                 point_config(plan.data, point)
         done = sum(point.key in log.points() for point in points)
-        echo(f"fedmerge sweep: {plan.method}, {len(points)} grid points, {done} already in {log.path}")
+        echo(f"fedmerge sweep: {plan.method}, {len(points)} grid points, {done} already in {log.path}, scored {workers.describe()}")
         if done < len(points):
             hold_inputs()
+        norm_keys = dict(zip(_norm_keys(base, tasks), norms)) if norms is not None else {}
         outcome = run_search(
             points,
-            SweepPoint(plan.data, Path(out), options, evaluator, keep_merges),
+            SweepPoint(plan.data, Path(out).resolve(), options, evaluator, keep_merges, dict(loaders), norm_keys),
             log,
             method=plan.method,
             task_count=len(tasks),
             selection=lambda scores: selection_score(scores, reference),
             on_record=lambda point, record: echo(f"  {point.label()}: selection score {record['selection']:.6g}"),
+            workers=workers,
         )
     return finish(outcome, plan, Path(out), run_mode, norms, echo)
 
