@@ -143,7 +143,7 @@ def build_models(out: Path, config: BuildConfig, *, rebuild: bool = False, log=p
     if models_dir.exists():
         shutil.rmtree(models_dir)
     splits = task_splits(config)
-    formatted = ["".join(data.training_pair(task, record)) for task in data.TASKS for record in splits[task].train]
+    formatted = {task: ["".join(data.training_pair(task, record)) for record in splits[task].train] for task in data.TASKS}
     corpus = data.pretraining_corpus(config.corpus_documents, config.seed, formatted, config.format_share)
     tokenizer = train_tokenizer(corpus, config.vocab_size, models_dir / "tokenizer")
     max_length = config.shape.max_length

@@ -27,7 +27,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from fedmerge_plugins.evaluation import prompts
 
@@ -308,15 +308,16 @@ def pretraining_document(rng: random.Random) -> str:
     return " ".join(rng.choice(CORPUS_PARTS)(rng) for _ in range(rng.randint(5, 8)))
 
 
-def pretraining_corpus(n_documents: int, seed: int, formatted: Sequence[str] = (), format_share: float = 0.0) -> List[str]:
-    """``n_documents`` documents; a ``format_share`` of them (on average) are drawn from
-    ``formatted``, texts in the tasks' own prompt-and-response format (training items only),
-    as Llama-2 saw some math and code before anyone fine-tuned it."""
+def pretraining_corpus(n_documents: int, seed: int, formatted: Optional[Mapping[str, Sequence[str]]] = None, format_share: float = 0.0) -> List[str]:
+    """``n_documents`` documents; a ``format_share`` of them (on average) are texts in a task's
+    own prompt-and-response format (``formatted``: task -> its training items only), the task
+    drawn uniformly, as Llama-2 saw some math and code before anyone fine-tuned it."""
     rng = random.Random(f"{seed}/corpus")
+    tasks = sorted(task for task, texts in (formatted or {}).items() if texts)
     documents = []
     for _ in range(n_documents):
-        if formatted and rng.random() < format_share:
-            documents.append(rng.choice(formatted))
+        if tasks and rng.random() < format_share:
+            documents.append(rng.choice(formatted[rng.choice(tasks)]))  # type: ignore[index]
         else:
             documents.append(pretraining_document(rng))
     return documents

@@ -102,8 +102,25 @@ class Scorer:
         return self.run(lm, data_dir, tasks, output_dir, model_dir.name)
 
 
+def state_digest(state: Mapping[str, object]) -> str:
+    """A hash of a state dict's names, dtypes, shapes and values."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous().cpu()  # type: ignore[attr-defined]
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class StateScorer:
-    """Scores state dicts with one in-memory model (the architecture of ``model_dir``)."""
+    """Scores state dicts with one in-memory model (the architecture of ``model_dir``). A state
+    scored before on the same items is not scored again: merges that come out identical, bit for
+    bit (a merge set without the heterogeneous model, in both settings; grid points that give the
+    same merge), cost one evaluation."""
 
     def __init__(self, scorer: Scorer, model_dir: Path) -> None:
         import torch
@@ -111,6 +128,7 @@ class StateScorer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.scorer = scorer
+        self.scored: Dict[Tuple[str, str, Tuple[str, ...]], Scored] = {}
         with quiet():
             self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(scorer.device)
             self.model.eval()
@@ -118,5 +136,8 @@ class StateScorer:
             self.lm = HFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=scorer.batch_size)
 
     def score(self, state: Mapping[str, object], data_dir: Path, tasks: Sequence[str], name: str = "candidate") -> Scored:
-        self.model.load_state_dict(state, strict=True)
-        return self.scorer.run(self.lm, data_dir, tasks, None, name)
+        key = (state_digest(state), str(data_dir), tuple(tasks))
+        if key not in self.scored:
+            self.model.load_state_dict(state, strict=True)
+            self.scored[key] = self.scorer.run(self.lm, data_dir, tasks, None, name)
+        return self.scored[key]

@@ -55,7 +55,7 @@ class DemoSettings:
     lambdas: Tuple[float, ...] = tuple(lambda_grid(*LLM_LAMBDAS))  # the paper's 0.2, 0.4, …, 1.0
     fedgma_rhos: Tuple[float, ...] = tuple(fedgma_rho_grid())  # 0.1, 0.2, …, 1.0
     cclip_count: int = CCLIP_RHO_COUNT  # 5
-    batch_size: int = 64
+    batch_size: int = 256  # every item of a task in one batch
     max_gen_toks: int = 32
     subprocess_recipe: Tuple[str, str] = ("instruction-math-code", "cclip")
     bootstrap_samples: int = 2000
