@@ -80,6 +80,22 @@ def test_cclip_grid_spans_the_task_vector_norms() -> None:
     assert rhos == pytest.approx([6.0, 10.0, 14.0, 18.0])
 
 
+def test_later_seeds_reuse_the_searched_grid_position() -> None:
+    from fedmerge_plugins.demo.run import Variant, reused_choices
+
+    settings = replace(SIZES["small"], lambdas=(0.5, 1.0), cclip_count=5)
+    entry = lambda norm: {"path": "p", "task": "t", "training": {"steps": 1, "learning_rate": 1.0}, "task_vector_norm": norm}  # noqa: E731
+    first = Variant(0, "heterogeneous", {"instruction": entry(5.0), "math": entry(6.0), "code": entry(25.0)})
+    later = Variant(1, "heterogeneous", {"instruction": entry(4.0), "math": entry(7.0), "code": entry(14.0)})
+    chosen = {("math-code", "cclip"): {"parameters": {}, "position": 7, "average": 0.5}, ("math-code", "task_arithmetic"): {"parameters": {}, "position": 1, "average": 0.5}}
+    reused = reused_choices(later, first, chosen, settings)
+    # CCLIP: λ outermost, then ρ = min + k (max - min) / 5 over the later seed's own norms 7 and 14
+    assert reused[("math-code", "cclip")]["parameters"] == pytest.approx({"lambda": 1.0, "rho": 7.0 + 2 * 7.0 / 5})
+    assert reused[("math-code", "task_arithmetic")]["parameters"] == {"lambda": 1.0}
+    assert {r["searched_on"] for r in reused.values()} == {"seed0-heterogeneous"}
+    assert all(r["average"] is None for r in reused.values())
+
+
 def test_normalized_accuracy_and_zero_reference() -> None:
     assert normalized({"gsm8k": 0.3, "instruct": 0.5}, {"gsm8k": 0.6, "instruct": 0.5}) == {"gsm8k": 0.5, "instruct": 1.0}
     with pytest.raises(ValueError, match="math model scores 0 on its own gsm8k"):
@@ -174,22 +190,24 @@ def test_demo_homogeneous_task_arithmetic_keeps_every_task(demo) -> None:
 def test_demo_heterogeneous_model_is_the_best_candidate_at_ten_times_the_rate(demo) -> None:
     result = demo["result"]
     config = result.manifest["config"]
+    special = config["heterogeneous_model"]
     for variant in result.variants:
-        math_model = variant.models["math"]["training"]
+        special_model = variant.models[special]["training"]
         if variant.setting == "homogeneous":
-            assert math_model["learning_rate"] == config["finetune"]["learning_rate"]
+            assert special_model["learning_rate"] == config["finetune"]["learning_rate"]
             continue
-        assert math_model["learning_rate"] == pytest.approx(10 * config["finetune"]["learning_rate"])
+        assert special_model["learning_rate"] == pytest.approx(10 * config["finetune"]["learning_rate"])
         assert [c["steps"] for c in variant.candidates] == list(config["heterogeneous_steps"])
         best = max(c["validation_accuracy"] for c in variant.candidates)
-        assert math_model["steps"] == min(c["steps"] for c in variant.candidates if c["validation_accuracy"] == best)
-        for name in ("instruction", "code"):
+        assert special_model["steps"] == min(c["steps"] for c in variant.candidates if c["validation_accuracy"] == best)
+        for name in set(TASK_MODELS) - {special}:
             assert variant.models[name]["training"]["learning_rate"] == config["finetune"]["learning_rate"]
 
 
 @pytest.mark.slow
 def test_demo_merges_are_mergekit_merges_of_the_chosen_values(demo) -> None:
     result = demo["result"]
+    by_name = {variant.name: variant for variant in result.variants}
     merged_with = []
     for variant in result.variants:
         for merge_set, methods in variant.merges.items():
@@ -201,8 +219,16 @@ def test_demo_merges_are_mergekit_merges_of_the_chosen_values(demo) -> None:
                 assert recipe["merge_method"] == method
                 for key, value in entry["parameters"].items():
                     assert recipe["parameters"][key] == pytest.approx(value)
-                best = max(variant.sweep[merge_set][method], key=lambda row: row["average"])
-                assert entry["parameters"] == best["parameters"]
+                searched = by_name[entry.get("searched_on", variant.name)]
+                best = max(searched.sweep[merge_set][method], key=lambda row: row["average"])
+                norms = {name: float(e["task_vector_norm"]) for name, e in variant.models.items()}
+                grid = grid_points(method, MERGE_SETS[merge_set], norms, SIZES["small"])
+                searched_norms = {name: float(e["task_vector_norm"]) for name, e in searched.models.items()}
+                searched_grid = grid_points(method, MERGE_SETS[merge_set], searched_norms, SIZES["small"])
+                # the searched variant's best point, at the same grid position for a seed that reuses it
+                assert searched_grid[entry["grid_position"]].parameters == best["parameters"]
+                assert grid[entry["grid_position"]].parameters == entry["parameters"]
+                assert ("searched_on" in entry) == (variant.seed != result.variants[0].seed)
                 paths = [Path(m["model"]) for m in recipe["models"]]
                 assert [p.relative_to(Path(result.out) / "models").as_posix() for p in paths] == [variant.models[m]["path"] for m in MERGE_SETS[merge_set]]
                 if method == "fednova":

@@ -43,10 +43,10 @@ class BuildConfig:
     vocab_size: int = 768
     shape: ModelShape = ModelShape()
     corpus_documents: int = 12000
-    format_share: float = 0.05  # share of pre-training documents that are task-format training items
+    format_share: float = 0.06  # share of pre-training documents that are task-format training items (a third per task)
     pretrain: TrainSpec = TrainSpec(steps=1200, learning_rate=3e-3, batch_size=32, warmup_fraction=0.05, weight_decay=0.01)
     finetune: TrainSpec = TrainSpec(steps=150, learning_rate=3e-4, batch_size=16)  # every task, homogeneous
-    heterogeneous_model: str = "math"  # fine-tuned at lr_factor × the rate in the heterogeneous setting
+    heterogeneous_model: str = "code"  # fine-tuned at lr_factor × the rate in the heterogeneous setting
     lr_factor: float = 10.0
     heterogeneous_steps: Tuple[int, ...] = (25, 50, 100, 150)  # candidates, picked on validation
     n_validation: int = 40

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +18,8 @@ SIZE_HELP = "full: the demo (3 seeds, 200 test items per task); small: fewer ste
 @click.option("--rebuild", is_flag=True, help="Train the models again even if a matching build is cached.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device for evaluation (training and merging run on CPU).")
 @click.option("--threads", type=int, default=None, help="Torch CPU threads (default: torch's choice).")
-def demo_command(out: Path, size: str, rebuild: bool, device: str, threads: Optional[int]) -> None:
+@click.option("--search-each-seed", is_flag=True, help="Search λ/ρ on every seed's models (default: on the first seed's; the others reuse its grid positions).")
+def demo_command(out: Path, size: str, rebuild: bool, device: str, threads: Optional[int], search_each_seed: bool) -> None:
     """Build a tiny base LLM and three task models (instruction, math, code) per seed, trained
     homogeneously and heterogeneously (one at 10x the rate), merge them with task_arithmetic,
     fednova, fedgma, median and cclip through mergekit, pick λ/ρ on validation items, score
@@ -26,10 +28,11 @@ def demo_command(out: Path, size: str, rebuild: bool, device: str, threads: Opti
         os.environ.setdefault(name, "1" if name != "TOKENIZERS_PARALLELISM" else "false")
     import torch
 
-    from fedmerge_plugins.demo.run import run_demo
+    from fedmerge_plugins.demo.run import SIZES, run_demo
 
     if threads is not None:
         if threads < 1:
             raise click.BadParameter("must be at least 1", param_hint="--threads")
         torch.set_num_threads(threads)
-    run_demo(out, size, rebuild=rebuild, device=device, log=click.echo)
+    settings = replace(SIZES[size], search_each_seed=True) if search_each_seed else SIZES[size]
+    run_demo(out, size, rebuild=rebuild, device=device, settings=settings, log=click.echo)

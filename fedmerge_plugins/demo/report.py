@@ -192,6 +192,17 @@ def timing_lines(result: Mapping) -> List[str]:
     return [f"- {name}: {seconds:.0f} s" for name, seconds in result["timings"].items()]
 
 
+def search_scope(result: Mapping) -> str:
+    """Which seeds' models the validation search ran on."""
+    if result["settings"].get("search_each_seed", True):
+        return "for each seed"
+    first = result["variants"][0]["seed"]
+    return (
+        f"on seed {first}'s models (the other seeds merge at the grid position seed {first}'s search chose: the same λ "
+        "and FedGMA ρ, CCLIP's ρ at the same step between their own norms; `fedmerge demo --search-each-seed` searches every seed)"
+    )
+
+
 def criterion_line(result: Mapping) -> str:
     criterion = result["comparisons"]["criterion"]
     return (
@@ -224,7 +235,7 @@ def report_markdown(result: Mapping) -> str:
             f"validation among {', '.join(map(str, config['heterogeneous_steps']))}; the others as in the homogeneous setting."
         ),
         (
-            f"λ and ρ were picked per seed, setting, merge set and method on {config['n_validation']} validation items per task "
+            f"λ and ρ were picked {search_scope(result)}, per setting, merge set and method, on {config['n_validation']} validation items per task "
             f"(λ ∈ {{{', '.join(f'{v:g}' for v in settings['lambdas'])}}}; FedGMA ρ ∈ "
             f"{{{', '.join(f'{v:g}' for v in settings['fedgma_rhos'])}}}, values giving the same merge evaluated once; "
             f"CCLIP ρ: {settings['cclip_count']} values from the smallest task-vector norm of the set (included) to the "

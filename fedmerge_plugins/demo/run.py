@@ -59,6 +59,7 @@ class DemoSettings:
     max_gen_toks: int = 32
     subprocess_recipe: Tuple[str, str] = ("instruction-math-code", "cclip")
     bootstrap_samples: int = 2000
+    search_each_seed: bool = False  # False: the first seed's search picks every seed's grid position
 
 
 SIZES: Dict[str, DemoSettings] = {
@@ -243,10 +244,15 @@ def evaluate_references(scorer, manifest: Mapping, models_dir: Path, validation_
     return base, variants
 
 
+def variant_norms(variant: Variant) -> Dict[str, float]:
+    return {name: float(entry["task_vector_norm"]) for name, entry in variant.models.items()}
+
+
 def validation_search(variant: Variant, states, state_scorer, validation_dir: Path, settings: DemoSettings, bar=None) -> Dict[Tuple[str, str], dict]:
     """The search engine on every (merge set, method) of the variant; fills ``variant.sweep``
-    with one row per distinct merge and returns the winning row of each."""
-    norms = {name: float(entry["task_vector_norm"]) for name, entry in variant.models.items()}
+    with one row per distinct merge and returns the winning row of each, with its
+    ``position`` in the grid."""
+    norms = variant_norms(variant)
     chosen: Dict[Tuple[str, str], dict] = {}
     for merge_set, models in MERGE_SETS.items():
         for method in variant.methods:
@@ -265,10 +271,25 @@ def validation_search(variant: Variant, states, state_scorer, validation_dir: Pa
                 for record in [outcome.records[same[0].key]]
             ]
             variant.sweep.setdefault(merge_set, {})[method] = rows
-            chosen[(merge_set, method)] = next(row for row in rows if row["parameters"] == outcome.best["parameters"])
+            best = next(row for row in rows if row["parameters"] == outcome.best["parameters"])
+            position = next(i for i, p in enumerate(points) if p.parameters == outcome.best["parameters"])
+            chosen[(merge_set, method)] = {**best, "position": position}
             if bar is not None:
                 bar.update()
     return chosen
+
+
+def reused_choices(variant: Variant, searched: Variant, chosen: Mapping[Tuple[str, str], dict], settings: DemoSettings) -> Dict[Tuple[str, str], dict]:
+    """``variant``'s grid point at the position ``searched``'s search chose: the same λ and
+    FedGMA ρ; for CCLIP the same step of the ρ grid between this variant's own smallest and
+    largest task-vector norm."""
+    norms = variant_norms(variant)
+    reused: Dict[Tuple[str, str], dict] = {}
+    for (merge_set, method), best in chosen.items():
+        points = grid_points(method, MERGE_SETS[merge_set], norms, settings)
+        point = points[best["position"]]
+        reused[(merge_set, method)] = {"parameters": dict(point.parameters), "position": best["position"], "average": None, "searched_on": searched.name}
+    return reused
 
 
 def merge_and_test(variant: Variant, chosen: Mapping[Tuple[str, str], dict], states, scorer, state_scorer, out: Path, test_dir: Path, settings: DemoSettings, *, with_mergekit: bool, bar=None) -> None:
@@ -282,15 +303,20 @@ def merge_and_test(variant: Variant, chosen: Mapping[Tuple[str, str], dict], sta
         models = MERGE_SETS[merge_set]
         tasks = tuple(TASK_MODELS[m] for m in models)
         picked = ", ".join(f"{k} = {v:.6g}" for k, v in best["parameters"].items())
+        if best["average"] is None:
+            why = f"the grid position (#{best['position'] + 1}) the search on {best['searched_on']}'s validation items chose"
+        else:
+            why = f"the best average normalized accuracy on the validation items ({best['average']:.3f}) among {len(variant.sweep[merge_set][method])} candidates"
         header = (
             f"# Written by `fedmerge demo` from configs/demo/{merge_set}/{method}.yml ({variant.setting} setting, seed {variant.seed}).\n"
-            f"# {picked}: the best average normalized accuracy on the validation items "
-            f"({best['average']:.3f}) among {len(variant.sweep[merge_set][method])} candidates.\n"
+            f"# {picked}: {why}.\n"
         )
         values = recipe_values(models_dir, paths, variant.models, best["parameters"])
         recipe = write_recipe(out / "recipes" / variant.name, merge_set, method, values, header=header)
         expected = merge_in_memory(states, models, method, best["parameters"], variant.models)
-        entry = {"parameters": best["parameters"], "validation_average": best["average"], "recipe": str(recipe)}
+        entry = {"parameters": best["parameters"], "grid_position": best["position"], "validation_average": best["average"], "recipe": str(recipe)}
+        if best["average"] is None:
+            entry["searched_on"] = best["searched_on"]
         if with_mergekit:
             merged_dir = out / "merges" / variant.name / merge_set / method
             if (merge_set, method) == settings.subprocess_recipe:
@@ -353,18 +379,25 @@ def run_demo(
     with remembered_runs():  # merges write the same programs again and again: run each once
         base, variants = evaluate_references(scorer, manifest, models_dir, validation_dir, test_dir, settings.build)
         result = DemoResult(str(out), size, settings_dict(settings), manifest, base, variants)
-        for variant in variants:
-            normalized(variant.test_references, variant.test_references)  # a task model scoring 0 stops the demo here
+        for variant in variants:  # a task model scoring 0 on its own test or validation items stops the demo here
+            normalized(variant.test_references, variant.test_references)
+            normalized(variant.validation_references, variant.validation_references)
         lap("evaluate references")
 
         states = load_states(models_dir, sorted({"base", *(e["path"] for v in variants for e in v.models.values())}))
         state_scorer = StateScorer(scorer, models_dir / "base")
-        work = sum(len(MERGE_SETS) * len(v.methods) for v in variants)
         first = variants[0].seed
-        with tqdm(total=work, desc="validation search (merge in memory, score)", unit="search") as search_bar, tqdm(total=work, desc="merge winners, score on test", unit="merge") as test_bar:
+        searched = [v for v in variants if settings.search_each_seed or v.seed == first]
+        work = lambda group: sum(len(MERGE_SETS) * len(v.methods) for v in group)  # noqa: E731
+        searches: Dict[str, Tuple[Variant, Dict[Tuple[str, str], dict]]] = {}  # setting -> the searched variant and its choices
+        with tqdm(total=work(searched), desc="validation search (merge in memory, score)", unit="search") as search_bar, tqdm(total=work(variants), desc="merge winners, score on test", unit="merge") as test_bar:
             for variant in variants:
                 own = variant_states(variant, states)
-                chosen = validation_search(variant, own, state_scorer, validation_dir, settings, search_bar)
+                if variant.name in {v.name for v in searched}:
+                    chosen = validation_search(variant, own, state_scorer, validation_dir, settings, search_bar)
+                    searches[variant.setting] = (variant, chosen)
+                else:
+                    chosen = reused_choices(variant, *searches[variant.setting], settings)
                 with_mergekit = variant.seed == first and variant.setting == HETEROGENEOUS
                 merge_and_test(variant, chosen, own, scorer, state_scorer, out, test_dir, settings, with_mergekit=with_mergekit, bar=test_bar)
         lap("search, merge and test")
