@@ -169,9 +169,11 @@ def demo(tmp_path_factory) -> Dict:
 @pytest.mark.slow
 def test_demo_task_models_beat_the_base_on_their_own_task(demo) -> None:
     result = demo["result"]
+    # a clear margin at the small size (100 test items): at least twice the base's accuracy and 5 points above it
     for variant in result.variants:
         for model, task in TASK_MODELS.items():
-            assert variant.test_references[task] >= result.base[task] + 0.2, (variant.name, model, variant.test_references, result.base)
+            own, base = variant.test_references[task], result.base[task]
+            assert own >= max(2 * base, base + 0.05), (variant.name, model, variant.test_references, result.base)
 
 
 @pytest.mark.slow

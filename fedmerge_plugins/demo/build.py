@@ -71,7 +71,7 @@ class BuildConfig:
 
 SIZES: Dict[str, BuildConfig] = {
     "full": BuildConfig(),
-    "small": replace(BuildConfig(), seeds=(0, 1), n_validation=24, n_test=100).scaled(pretrain_steps=700, finetune_fraction=0.7, corpus_documents=7000),
+    "small": replace(BuildConfig(), seeds=(0, 1), n_validation=24, n_test=100).scaled(pretrain_steps=700, finetune_fraction=1.0, corpus_documents=7000),
 }
 
 
