@@ -294,3 +294,17 @@ def test_demo_reuses_its_build_only_while_it_matches(demo, tmp_path: Path) -> No
     assert cached_manifest(copy, manifest["key"]) == manifest
     (copy / f"seed{config.seeds[-1]}" / candidate_name(config, config.heterogeneous_steps[0]) / "model.safetensors").unlink()
     assert cached_manifest(copy, manifest["key"]) is None
+
+
+def test_state_digest_tells_merges_apart_bit_for_bit() -> None:
+    import torch
+
+    from fedmerge_plugins.demo.evaluate import state_digest
+
+    state = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2)}
+    same = {"b": torch.ones(2), "a": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    assert state_digest(state) == state_digest(same)
+    nudged = dict(state, b=torch.nextafter(torch.ones(2), torch.full((2,), 2.0)))
+    assert state_digest(nudged) != state_digest(state)
+    assert state_digest(dict(state, a=state["a"].reshape(3, 2))) != state_digest(state)
+    assert state_digest(dict(state, b=torch.ones(2, dtype=torch.float64))) != state_digest(state)
