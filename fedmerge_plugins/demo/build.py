@@ -205,9 +205,10 @@ def build_models(out: Path, config: BuildConfig, *, rebuild: bool = False, log=p
         "seeds": seeds,
         "build_seconds": round(time.perf_counter() - started, 1),
     }
-    (models_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    text = json.dumps(manifest, indent=1)
+    (models_dir / MANIFEST).write_text(text + "\n")
     log(f"Models: built in {manifest['build_seconds']:.0f} s")
-    return manifest
+    return json.loads(text)  # as a later run reads it back (tuples become lists)
 
 
 TASK_ORDER = {name: index for index, name in enumerate(TASK_MODELS)}
