@@ -16,12 +16,13 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge_methods import registry
 
-from fedmerge_plugins.demo import data
-from fedmerge_plugins.demo.build import SIZES as BUILD_SIZES
-from fedmerge_plugins.demo.build import TASK_MODELS, build_models, cache_key, cached_manifest
+import numpy as np
+
+from fedmerge_plugins import search
+from fedmerge_plugins.demo import data, stats
+from fedmerge_plugins.demo.build import TASK_MODELS, build_models, cache_key, cached_manifest, candidate_name
 from fedmerge_plugins.demo.recipes import MERGE_SETS, METHODS, fill_template, template_fields, template_path
-from fedmerge_plugins.demo.report import margin_sentence, ranking, winner
-from fedmerge_plugins.demo.run import SIZES, DemoSettings, candidates, normalized, run_demo
+from fedmerge_plugins.demo.run import SIZES, grid_points, normalized, run_demo
 from fedmerge_plugins.recipe import check_recipe
 
 MANIFEST = {
@@ -58,28 +59,41 @@ def test_training_prompts_are_the_evaluation_prompts() -> None:
 
 
 @pytest.mark.parametrize("models", [("math", "code"), ("instruction", "math", "code")])
-def test_fedgma_candidates_merge_each_agreement_threshold_once(models) -> None:
+def test_fedgma_grid_merges_each_agreement_threshold_once(models) -> None:
     rhos = tuple(round(0.1 * i, 1) for i in range(1, 11))
     settings = replace(SIZES["small"], lambdas=(0.5, 1.0), fedgma_rhos=rhos)
-    points = candidates("fedgma", models, {}, settings)
+    groups = search.merge_groups("fedgma", grid_points("fedgma", models, {}, settings), len(models))
     count = len(models)
     # the smallest agreement count kept at mask 1 is ⌈ρ T⌉ (ρ = 0 would be 0)
     classes: Dict[int, list] = {}
     for rho in rhos:
         classes.setdefault(math.ceil(round(rho * count, 9)), []).append(rho)
-    assert len(points) == len(classes) * 2
-    firsts = sorted({p.values["rho"] for p in points})
-    assert firsts == sorted(group[0] for group in classes.values())
-    for point in points:
-        group = next(g for g in classes.values() if g[0] == point.values["rho"])
-        assert list(point.same_as) == group[1:]
+    assert len(groups) == len(classes) * 2
+    for group in groups:
+        assert [p.parameters["rho"] for p in group] in classes.values()
 
 
-def test_cclip_candidates_span_the_task_vector_norms() -> None:
+def test_cclip_grid_spans_the_task_vector_norms() -> None:
     settings = replace(SIZES["small"], lambdas=(1.0,), cclip_count=4)
     norms = {"instruction": 6.0, "math": 22.0, "code": 8.0}
-    rhos = [p.values["rho"] for p in candidates("cclip", ("instruction", "math"), norms, settings)]
+    rhos = [p.parameters["rho"] for p in grid_points("cclip", ("instruction", "math"), norms, settings)]
     assert rhos == pytest.approx([6.0, 10.0, 14.0, 18.0])
+
+
+def test_later_seeds_reuse_the_searched_grid_position() -> None:
+    from fedmerge_plugins.demo.run import Variant, reused_choices
+
+    settings = replace(SIZES["small"], lambdas=(0.5, 1.0), cclip_count=5)
+    entry = lambda norm: {"path": "p", "task": "t", "training": {"steps": 1, "learning_rate": 1.0}, "task_vector_norm": norm}  # noqa: E731
+    first = Variant(0, "heterogeneous", {"instruction": entry(5.0), "math": entry(6.0), "code": entry(25.0)})
+    later = Variant(1, "heterogeneous", {"instruction": entry(4.0), "math": entry(7.0), "code": entry(14.0)})
+    chosen = {("math-code", "cclip"): {"parameters": {}, "position": 7, "average": 0.5}, ("math-code", "task_arithmetic"): {"parameters": {}, "position": 1, "average": 0.5}}
+    reused = reused_choices(later, first, chosen, settings)
+    # CCLIP: λ outermost, then ρ = min + k (max - min) / 5 over the later seed's own norms 7 and 14
+    assert reused[("math-code", "cclip")]["parameters"] == pytest.approx({"lambda": 1.0, "rho": 7.0 + 2 * 7.0 / 5})
+    assert reused[("math-code", "task_arithmetic")]["parameters"] == {"lambda": 1.0}
+    assert {r["searched_on"] for r in reused.values()} == {"seed0-heterogeneous"}
+    assert all(r["average"] is None for r in reused.values())
 
 
 def test_normalized_accuracy_and_zero_reference() -> None:
@@ -93,7 +107,8 @@ def test_normalized_accuracy_and_zero_reference() -> None:
 def test_every_template_fills_into_a_valid_recipe(tmp_path: Path, merge_set: str, method: str) -> None:
     path = template_path(merge_set, method)
     text = path.read_text()
-    values = {"models": str(tmp_path), "lambda": 0.8, "rho": 0.3 if method == "fedgma" else 7.5}
+    values = {f"path_{name}": str(tmp_path / name) for name in MANIFEST["models"]}
+    values.update({"lambda": 0.8, "rho": 0.3 if method == "fedgma" else 7.5})
     for name, entry in MANIFEST["models"].items():
         values[f"steps_{name}"] = entry["training"]["steps"]
         values[f"learning_rate_{name}"] = entry["training"]["learning_rate"]
@@ -115,104 +130,181 @@ def test_every_template_fills_into_a_valid_recipe(tmp_path: Path, merge_set: str
     assert "lambda" in template_fields(text)
 
 
-def test_margin_sentence_states_the_winner_and_its_lead() -> None:
-    scores = {"task_arithmetic": 0.5, "fednova": 0.4, "fedgma": 0.55, "median": 0.3, "cclip": 0.7}
-    ranked = ranking(scores)
-    assert [m for m, _ in ranked] == ["cclip", "fedgma", "task_arithmetic", "fednova", "median"]
-    assert margin_sentence(ranked) == (
-        "CCLIP with 70.0, 15.0 points ahead of FedGMA (55.0) and 20.0 ahead of Task Arithmetic (50.0)"
-    )
-    tie = ranking({**scores, "task_arithmetic": 0.7})
-    assert margin_sentence(tie).startswith("a tie between Task Arithmetic, CCLIP at 70.0")
+def test_paired_bootstrap_against_an_independent_computation() -> None:
+    rng = np.random.default_rng(5)
+    a = {"instruct": rng.integers(0, 2, 30).astype(float).tolist(), "gsm8k": rng.integers(0, 2, 30).astype(float).tolist()}
+    b = {"instruct": rng.integers(0, 2, 30).astype(float).tolist(), "gsm8k": rng.integers(0, 2, 30).astype(float).tolist()}
+    ref = {"instruct": [1.0] * 25 + [0.0] * 5, "gsm8k": [1.0] * 20 + [0.0] * 10}
+    resampling = stats.draws({"instruct": 30, "gsm8k": 30}, 400, seed=3)
+    interval = stats.paired_interval([(stats.Side(a, ref), stats.Side(b, ref))], resampling)
+    point = lambda items: (sum(items["instruct"]) / 25 + sum(items["gsm8k"]) / 20) / 2  # noqa: E731
+    assert interval.estimate == pytest.approx(point(a) - point(b), abs=1e-12)
+    differences = []
+    for k in range(400):
+        value = 0.0
+        for task in ("instruct", "gsm8k"):
+            idx = resampling[task][k]
+            value += (sum(a[task][i] for i in idx) - sum(b[task][i] for i in idx)) / sum(ref[task][i] for i in idx) / 2
+        differences.append(value)
+    differences.sort()
+    assert interval.low == pytest.approx(float(np.percentile(differences, 2.5)), abs=1e-12)
+    assert interval.high == pytest.approx(float(np.percentile(differences, 97.5)), abs=1e-12)
+    same = stats.paired_interval([(stats.Side(a, ref), stats.Side(a, ref))], resampling)
+    assert (same.estimate, same.low, same.high, same.verdict) == (0.0, 0.0, 0.0, "unchanged")
+    better = {task: [1.0] * 30 for task in a}
+    assert stats.paired_interval([(stats.Side(better, ref), stats.Side(b, ref))], resampling).verdict == "improved"
+    assert stats.paired_interval([(stats.Side(b, ref), stats.Side(better, ref))], resampling).verdict == "degraded"
 
 
 # ----------------------------------------------------------------------------- end to end
-
-TEST_SETTINGS = DemoSettings(
-    build=replace(
-        BUILD_SIZES["full"].scaled(pretrain_steps=500, finetune_fraction=1.0, corpus_documents=5000),
-        n_validation=8,
-        n_test=20,
-    ),
-    lambdas=(0.6, 1.0),
-    fedgma_rhos=(0.1, 1.0),
-    cclip_count=1,
-    max_gen_toks=32,
-)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Dict:
     out = tmp_path_factory.mktemp("demo")
-    result = run_demo(out, "test", settings=TEST_SETTINGS, log=lambda line: None)
+    result = run_demo(out, "small", log=lambda line: None)
     return {"out": out, "result": result, "saved": json.loads((out / "results.json").read_text())}
 
 
 @pytest.mark.slow
 def test_demo_task_models_beat_the_base_on_their_own_task(demo) -> None:
-    references = demo["result"].references
-    for model, task in TASK_MODELS.items():
-        assert references[model][task] > references["base"][task], (model, references)
+    result = demo["result"]
+    # a clear margin at the small size (100 test items): at least twice the base's accuracy and 5 points above it
+    for variant in result.variants:
+        for model, task in TASK_MODELS.items():
+            own, base = variant.test_references[task], result.base[task]
+            assert own >= max(2 * base, base + 0.05), (variant.name, model, variant.test_references, result.base)
+
+
+@pytest.mark.slow
+def test_demo_homogeneous_task_arithmetic_keeps_every_task(demo) -> None:
+    for variant in demo["result"].variants:
+        if variant.setting == "homogeneous":
+            assert list(variant.merges) == list(MERGE_SETS)
+            for merge_set, methods in variant.merges.items():
+                assert list(methods) == ["task_arithmetic"]
+                kept = methods["task_arithmetic"]["normalized"]
+                assert set(kept) == {TASK_MODELS[m] for m in MERGE_SETS[merge_set]}
+                assert min(kept.values()) > 0, (variant.name, merge_set, kept)
+
+
+@pytest.mark.slow
+def test_demo_heterogeneous_model_is_the_best_candidate_at_ten_times_the_rate(demo) -> None:
+    result = demo["result"]
+    config = result.manifest["config"]
+    special = config["heterogeneous_model"]
+    for variant in result.variants:
+        special_model = variant.models[special]["training"]
+        if variant.setting == "homogeneous":
+            assert special_model["learning_rate"] == config["finetune"]["learning_rate"]
+            continue
+        assert special_model["learning_rate"] == pytest.approx(10 * config["finetune"]["learning_rate"])
+        assert [c["steps"] for c in variant.candidates] == list(config["heterogeneous_steps"])
+        best = max(c["validation_accuracy"] for c in variant.candidates)
+        assert special_model["steps"] == min(c["steps"] for c in variant.candidates if c["validation_accuracy"] == best)
+        for name in set(TASK_MODELS) - {special}:
+            assert variant.models[name]["training"]["learning_rate"] == config["finetune"]["learning_rate"]
 
 
 @pytest.mark.slow
 def test_demo_merges_are_mergekit_merges_of_the_chosen_values(demo) -> None:
     result = demo["result"]
-    manifest = result.manifest
-    for merge_set, methods in result.merges.items():
-        for method, entry in methods.items():
-            assert entry["max_abs_difference_to_sweep_merge"] < 1e-5, (merge_set, method)
-            recipe = yaml.safe_load(Path(entry["recipe"]).read_text())
-            assert recipe["merge_method"] == method
-            for key, value in entry["parameters"].items():
-                assert recipe["parameters"][key] == pytest.approx(value)
-            best = max(result.sweep[merge_set][method], key=lambda row: row["average"])
-            assert entry["parameters"] == best["parameters"]
-            if method == "fednova":
-                for model in recipe["models"]:
-                    training = manifest["models"][Path(model["model"]).name]["training"]
-                    assert model["parameters"] == {"steps": training["steps"], "learning_rate": training["learning_rate"]}
-            references = {task: result.references[m][task] for m, task in TASK_MODELS.items()}
-            for task, value in entry["test"].items():
-                assert entry["normalized"][task] == pytest.approx(value / references[task])
-            assert entry["average"] == pytest.approx(sum(entry["normalized"].values()) / len(entry["normalized"]))
-    merged_with = [e["merged_with"] for methods in result.merges.values() for e in methods.values()]
+    by_name = {variant.name: variant for variant in result.variants}
+    merged_with = []
+    for variant in result.variants:
+        for merge_set, methods in variant.merges.items():
+            for method, entry in methods.items():
+                merged_with.append(entry["merged_with"])
+                if "max_abs_difference_to_sweep_merge" in entry:
+                    assert entry["max_abs_difference_to_sweep_merge"] < 1e-5, (merge_set, method)
+                recipe = yaml.safe_load(Path(entry["recipe"]).read_text())
+                assert recipe["merge_method"] == method
+                for key, value in entry["parameters"].items():
+                    assert recipe["parameters"][key] == pytest.approx(value)
+                searched = by_name[entry.get("searched_on", variant.name)]
+                best = max(searched.sweep[merge_set][method], key=lambda row: row["average"])
+                norms = {name: float(e["task_vector_norm"]) for name, e in variant.models.items()}
+                grid = grid_points(method, MERGE_SETS[merge_set], norms, SIZES["small"])
+                searched_norms = {name: float(e["task_vector_norm"]) for name, e in searched.models.items()}
+                searched_grid = grid_points(method, MERGE_SETS[merge_set], searched_norms, SIZES["small"])
+                # the searched variant's best point, at the same grid position for a seed that reuses it
+                assert searched_grid[entry["grid_position"]].parameters == best["parameters"]
+                assert grid[entry["grid_position"]].parameters == entry["parameters"]
+                assert ("searched_on" in entry) == (variant.seed != result.variants[0].seed)
+                paths = [Path(m["model"]) for m in recipe["models"]]
+                assert [p.relative_to(Path(result.out) / "models").as_posix() for p in paths] == [variant.models[m]["path"] for m in MERGE_SETS[merge_set]]
+                if method == "fednova":
+                    for model, name in zip(recipe["models"], MERGE_SETS[merge_set]):
+                        training = variant.models[name]["training"]
+                        assert model["parameters"] == {"steps": training["steps"], "learning_rate": training["learning_rate"]}
+                for task, value in entry["test"].items():
+                    assert value == pytest.approx(sum(entry["items"][task]) / len(entry["items"][task]))
+                    assert entry["normalized"][task] == pytest.approx(value / variant.test_references[task])
+                assert entry["average"] == pytest.approx(sum(entry["normalized"].values()) / len(entry["normalized"]))
     assert merged_with.count("mergekit-yaml (subprocess)") == 1
+    assert merged_with.count("mergekit run_merge (in process)") == len(MERGE_SETS) * len(METHODS) - 1
 
 
 @pytest.mark.slow
-def test_demo_methods_differ_and_the_report_names_the_winner(demo) -> None:
+def test_demo_report_holds_both_settings_intervals_and_tallies(demo) -> None:
     saved, out = demo["saved"], demo["out"]
-    averages = {(s, m): e["average"] for s, methods in saved["merges"].items() for m, e in methods.items()}
-    assert len(set(averages.values())) > 1
-    best, top, second, runner = winner(saved)
-    overall = {m: sum(averages[(s, m)] for s in MERGE_SETS) / len(MERGE_SETS) for m in METHODS}
-    assert overall[best] == pytest.approx(max(overall.values())) and top == pytest.approx(overall[best])
+    comparisons = saved["comparisons"]
     report = (out / "report.md").read_text()
-    lead = re.search(r"Overall winner: \*\*(.+?)\*\*, mean average normalized accuracy ([\d.]+) .*?, ([\d.]+) points ahead", report)
-    assert lead, report[:2000]
-    assert float(lead.group(2)) == pytest.approx(100 * top, abs=0.051)
-    assert float(lead.group(3)) == pytest.approx(100 * (top - runner), abs=0.051)
-    assert "Task vector norms" in report and (out / "normalized_accuracy.png").stat().st_size > 10_000
-    for model in TASK_MODELS:
-        norm = saved["manifest"]["models"][model]["task_vector_norm"]
-        assert f"{norm:.2f}" in report
-    assert saved["manifest"]["models"]["math"]["task_vector_norm"] == max(
-        saved["manifest"]["models"][m]["task_vector_norm"] for m in TASK_MODELS
-    )
+    seeds = saved["manifest"]["config"]["seeds"]
+    for merge_set, entry in comparisons["settings"].items():
+        sets = list(MERGE_SETS) if merge_set == "all" else [merge_set]
+        for setting in ("homogeneous", "heterogeneous"):
+            values = [v["merges"][s]["task_arithmetic"]["average"] for v in saved["variants"] if v["setting"] == setting for s in sets]
+            assert entry[setting] == pytest.approx(sum(values) / len(values))
+        interval = entry["difference"]
+        assert interval["low"] <= interval["estimate"] <= interval["high"]
+        assert interval["estimate"] == pytest.approx(entry["heterogeneous"] - entry["homogeneous"])
+        row = re.search(rf"\| {merge_set} +\| ([\d.]+) +\| ([\d.]+) +\| ([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\]", report)
+        assert row, merge_set
+        assert [float(g) for g in row.groups()] == pytest.approx(
+            [100 * entry["homogeneous"], 100 * entry["heterogeneous"], 100 * interval["estimate"], 100 * interval["low"], 100 * interval["high"]], abs=0.051
+        )
+    assert set(comparisons["methods"]) == set(METHODS) - {"task_arithmetic"}
+    for method, entry in comparisons["methods"].items():
+        assert sum(entry["tally"].values()) == len(MERGE_SETS) * len(seeds) == len(entry["cases"])
+        for case in entry["cases"]:
+            assert case["verdict"] == ("improved" if case["low"] > 0 else "degraded" if case["high"] < 0 else "unchanged")
+        tally = entry["tally"]
+        label = {"fednova": "FedNova", "fedgma": "FedGMA", "median": "Median", "cclip": "CCLIP"}[method]
+        assert re.search(rf"\| {label} +\| {tally['improved']} +\| {tally['unchanged']} +\| {tally['degraded']} +\|", report), label
+    assert "χ²(p‖w)" in report and (out / "normalized_accuracy.png").stat().st_size > 10_000
+    for variant in saved["variants"]:
+        for model in TASK_MODELS:
+            assert f"{variant['models'][model]['task_vector_norm']:.2f}" in report
+    assert "within noise" in report
 
 
 @pytest.mark.slow
 def test_demo_reuses_its_build_only_while_it_matches(demo, tmp_path: Path) -> None:
     out, manifest = demo["out"], demo["result"].manifest
+    config = SIZES["small"].build
     logged = []
-    assert build_models(out, TEST_SETTINGS.build, log=logged.append) == manifest
+    assert build_models(out, config, log=logged.append) == manifest
     assert logged == [f"Models: reusing the build in {out / 'models'} (key {manifest['key']}; --rebuild builds them again)"]
     models_dir = out / "models"
-    assert cache_key(replace(TEST_SETTINGS.build, seed=1)) != manifest["key"]
-    assert cached_manifest(models_dir, cache_key(replace(TEST_SETTINGS.build, seed=1))) is None
+    assert cache_key(replace(config, seed=1)) != manifest["key"]
+    assert cached_manifest(models_dir, cache_key(replace(config, seed=1))) is None
     copy = tmp_path / "models"
     shutil.copytree(models_dir, copy)
     assert cached_manifest(copy, manifest["key"]) == manifest
-    (copy / "code" / "model.safetensors").unlink()
+    (copy / f"seed{config.seeds[-1]}" / candidate_name(config, config.heterogeneous_steps[0]) / "model.safetensors").unlink()
     assert cached_manifest(copy, manifest["key"]) is None
+
+
+def test_state_digest_tells_merges_apart_bit_for_bit() -> None:
+    import torch
+
+    from fedmerge_plugins.demo.evaluate import state_digest
+
+    state = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2)}
+    same = {"b": torch.ones(2), "a": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    assert state_digest(state) == state_digest(same)
+    nudged = dict(state, b=torch.nextafter(torch.ones(2), torch.full((2,), 2.0)))
+    assert state_digest(nudged) != state_digest(state)
+    assert state_digest(dict(state, a=state["a"].reshape(3, 2))) != state_digest(state)
+    assert state_digest(dict(state, b=torch.ones(2, dtype=torch.float64))) != state_digest(state)

@@ -110,3 +110,20 @@ def test_clean_completion():
     assert clean_completion("\n\n```python\ndef f():\n\treturn 1\n```\ntrailing") == "def f():\n    return 1\n"
     assert clean_completion("    return 1\n\n\n") == "    return 1\n"
     assert clean_completion("```\nx = 1\n```") == "x = 1\n"
+
+
+def test_remembered_runs_run_each_program_once_inside_the_block(monkeypatch) -> None:
+    from fedmerge_plugins.evaluation import code_runner
+
+    calls = []
+    real = code_runner.run_isolated
+    monkeypatch.setattr(code_runner, "run_isolated", lambda program, **limits: calls.append(program) or real(program, **limits))
+    program = "assert 1 + 1 == 2\n"
+    with code_runner.remembered_runs():
+        first = code_runner.run_program(program)
+        assert code_runner.run_program(program) is first and first.passed
+        assert not code_runner.run_program("assert False\n").passed
+        assert code_runner.run_program(program, timeout_s=3).passed  # other limits: run again
+    assert len(calls) == 3
+    code_runner.run_program(program)  # outside the block: always run
+    assert len(calls) == 4

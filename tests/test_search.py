@@ -151,22 +151,24 @@ class FakeStateScorer:
     def __init__(self, world: Dict) -> None:
         self.world = world
 
-    def score(self, state, data_dir, tasks, name="candidate") -> Dict[str, float]:
-        return {t: self.world["scoring"].closeness(state, t) for t in tasks}
+    def score(self, state, data_dir, tasks, name="candidate"):
+        from fedmerge_plugins.demo.evaluate import Scored
+
+        return Scored({t: self.world["scoring"].closeness(state, t) for t in tasks}, {})
 
 
 def demo_run(world: Dict, out: Path) -> Dict:
-    from fedmerge_plugins.demo.run import SIZES, DemoResult, validation_search
+    from fedmerge_plugins.demo.run import HETEROGENEOUS, SIZES, Variant, validation_search
     from fedmerge_plugins.norms import state_dict_norms
 
     states = world["states"]
     norms = state_dict_norms(states["base"], {m: states[m] for m in MODELS})
-    manifest = {"models": {m: {"training": {"steps": 100, "learning_rate": 1e-3}, "task_vector_norm": float(norms[m])} for m in MODELS}}
-    result = DemoResult(str(out), "test", {}, manifest, {}, {task: 1.0 for task in TASKS})
+    models = {m: {"path": m, "training": {"steps": 100, "learning_rate": 1e-3}, "task_vector_norm": float(norms[m])} for m in MODELS}
+    variant = Variant(0, HETEROGENEOUS, models, validation_references={task: 1.0 for task in TASKS})
     settings = replace(SIZES["small"], lambdas=LAMBDAS, fedgma_rhos=RHOS, cclip_count=2)
-    chosen = validation_search(result, states, FakeStateScorer(world), out, settings)
+    chosen = validation_search(variant, states, FakeStateScorer(world), out, settings)
     best = chosen[("instruction-math-code", "fedgma")]
-    rows = result.sweep["instruction-math-code"]["fedgma"]
+    rows = variant.sweep["instruction-math-code"]["fedgma"]
     return {"best": best["parameters"], "rows": rows}
 
 

@@ -2,6 +2,7 @@
 
 Modules: ``data`` (synthetic tasks, corpus, JSONL), ``tokenizer``, ``train`` (pre-training and
 fine-tuning loops), ``build`` (the cached model build), ``recipes`` (templates in
-``configs/demo``), ``evaluate`` (lm-eval scoring), ``run`` (the pipeline), ``report``
-(tables, report.md, chart), ``cli``. Importing this package imports neither torch nor lm-eval.
+``configs/demo``), ``evaluate`` (lm-eval scoring, item scores), ``run`` (the pipeline),
+``stats`` (paired bootstrap), ``compare`` (settings and methods against task arithmetic),
+``report`` (tables, report.md, chart), ``cli``. Importing this package imports neither torch nor lm-eval.
 """

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import click
 
-SIZE_HELP = "full: the demo; small: fewer steps, a coarser grid, weaker models (measured times: the README's demo section)"
+SIZE_HELP = "full: the demo (3 seeds, 200 test items per task); small: fewer steps, seeds, items and grid points (the end-to-end test; measured times: the README's demo section)"
 
 
 @click.command("demo")
@@ -17,18 +18,21 @@ SIZE_HELP = "full: the demo; small: fewer steps, a coarser grid, weaker models (
 @click.option("--rebuild", is_flag=True, help="Train the models again even if a matching build is cached.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device for evaluation (training and merging run on CPU).")
 @click.option("--threads", type=int, default=None, help="Torch CPU threads (default: torch's choice).")
-def demo_command(out: Path, size: str, rebuild: bool, device: str, threads: Optional[int]) -> None:
-    """Build a tiny base LLM and three task models (instruction, math, code) with heterogeneous
-    training, merge them with task_arithmetic, fednova, fedgma, median and cclip through mergekit,
-    pick λ/ρ on validation items, score everything with lm-eval, and write OUT/report.md."""
+@click.option("--search-each-seed", is_flag=True, help="Search λ/ρ on every seed's models (default: on the first seed's; the others reuse its grid positions).")
+def demo_command(out: Path, size: str, rebuild: bool, device: str, threads: Optional[int], search_each_seed: bool) -> None:
+    """Build a tiny base LLM and three task models (instruction, math, code) per seed, trained
+    homogeneously and heterogeneously (one at 10x the rate), merge them with task_arithmetic,
+    fednova, fedgma, median and cclip through mergekit, pick λ/ρ on validation items, score
+    everything with lm-eval, compare with paired-bootstrap intervals, and write OUT/report.md."""
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM"):
         os.environ.setdefault(name, "1" if name != "TOKENIZERS_PARALLELISM" else "false")
     import torch
 
-    from fedmerge_plugins.demo.run import run_demo
+    from fedmerge_plugins.demo.run import SIZES, run_demo
 
     if threads is not None:
         if threads < 1:
             raise click.BadParameter("must be at least 1", param_hint="--threads")
         torch.set_num_threads(threads)
-    run_demo(out, size, rebuild=rebuild, device=device, log=click.echo)
+    settings = replace(SIZES[size], search_each_seed=True) if search_each_seed else SIZES[size]
+    run_demo(out, size, rebuild=rebuild, device=device, settings=settings, log=click.echo)

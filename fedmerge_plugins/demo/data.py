@@ -27,7 +27,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from fedmerge_plugins.evaluation import prompts
 
@@ -129,13 +129,15 @@ def _math_records() -> Iterator[Record]:
 
 # ----------------------------------------------------------------------------- code
 
-NUMERIC_ARGS = ("x", "n", "value", "number")
-LIST_ARGS = ("xs", "items", "values", "numbers")
+NUMERIC_ARGS = ("x", "n", "value", "number", "a", "num")
+LIST_ARGS = ("xs", "items", "values", "numbers", "data", "nums")
 # (function names, docstring, body, argument kind); {k}/{kw} are the constant and its word
 CONSTANT_FUNCTIONS = (
     (("add_{kw}", "plus_{kw}"), "Return {a} plus {kw}.", "return {a} + {k}", range(1, 10)),
     (("subtract_{kw}", "minus_{kw}"), "Return {a} minus {kw}.", "return {a} - {k}", range(1, 10)),
     (("times_{kw}", "multiply_by_{kw}"), "Return {a} times {kw}.", "return {a} * {k}", range(2, 10)),
+    (("greater_than_{kw}", "above_{kw}"), "Return True if {a} is greater than {kw}.", "return {a} > {k}", range(1, 10)),
+    (("less_than_{kw}", "below_{kw}"), "Return True if {a} is less than {kw}.", "return {a} < {k}", range(1, 10)),
 )
 NUMERIC_FUNCTIONS = (
     ("is_even", "Return True if {a} is even.", "return {a} % 2 == 0"),
@@ -306,6 +308,16 @@ def pretraining_document(rng: random.Random) -> str:
     return " ".join(rng.choice(CORPUS_PARTS)(rng) for _ in range(rng.randint(5, 8)))
 
 
-def pretraining_corpus(n_documents: int, seed: int) -> List[str]:
+def pretraining_corpus(n_documents: int, seed: int, formatted: Optional[Mapping[str, Sequence[str]]] = None, format_share: float = 0.0) -> List[str]:
+    """``n_documents`` documents; a ``format_share`` of them (on average) are texts in a task's
+    own prompt-and-response format (``formatted``: task -> its training items only), the task
+    drawn uniformly, as Llama-2 saw some math and code before anyone fine-tuned it."""
     rng = random.Random(f"{seed}/corpus")
-    return [pretraining_document(rng) for _ in range(n_documents)]
+    tasks = sorted(task for task, texts in (formatted or {}).items() if texts)
+    documents = []
+    for _ in range(n_documents):
+        if tasks and rng.random() < format_share:
+            documents.append(rng.choice(formatted[rng.choice(tasks)]))  # type: ignore[index]
+        else:
+            documents.append(pretraining_document(rng))
+    return documents

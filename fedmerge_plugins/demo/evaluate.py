@@ -18,9 +18,19 @@ import io
 import logging
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 Scores = Dict[str, float]
+Items = Dict[str, List[float]]  # task -> each item's score (1 or 0), in data order
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Accuracy per task and the item scores it is the mean of (for paired bootstraps)."""
+
+    scores: Scores
+    items: Items
 NOISY_LOGGERS = ("lm_eval", "lm-eval", "transformers", "mergekit", "datasets", "accelerate", "fedmerge_plugins.norms")
 
 
@@ -67,7 +77,7 @@ class Scorer:
         self.device = device
         self.tasks = TaskCache()
 
-    def run(self, lm: object, data_dir: Path, tasks: Sequence[str], output_dir: Optional[Path], name: str) -> Scores:
+    def run(self, lm: object, data_dir: Path, tasks: Sequence[str], output_dir: Optional[Path], name: str) -> Scored:
         from fedmerge_plugins.evaluation.api import evaluate_lm
 
         with quiet():
@@ -79,11 +89,11 @@ class Scorer:
                 output_dir=output_dir,
                 model_name=name,
             )
-        return dict(result.scores)
+        return Scored(dict(result.scores), {task: result.item_scores(task) for task in tasks})
 
     def score_directory(
         self, model_dir: Path, data_dir: Path, tasks: Sequence[str], output_dir: Optional[Path] = None
-    ) -> Scores:
+    ) -> Scored:
         """Load ``model_dir`` with lm-eval's ``hf`` model and score it on ``tasks``."""
         from fedmerge_plugins.evaluation.api import load_model
 
@@ -92,8 +102,25 @@ class Scorer:
         return self.run(lm, data_dir, tasks, output_dir, model_dir.name)
 
 
+def state_digest(state: Mapping[str, object]) -> str:
+    """A hash of a state dict's names, dtypes, shapes and values."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous().cpu()  # type: ignore[attr-defined]
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class StateScorer:
-    """Scores state dicts with one in-memory model (the architecture of ``model_dir``)."""
+    """Scores state dicts with one in-memory model (the architecture of ``model_dir``). A state
+    scored before on the same items is not scored again: merges that come out identical, bit for
+    bit (a merge set without the heterogeneous model, in both settings; grid points that give the
+    same merge), cost one evaluation."""
 
     def __init__(self, scorer: Scorer, model_dir: Path) -> None:
         import torch
@@ -101,12 +128,16 @@ class StateScorer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.scorer = scorer
+        self.scored: Dict[Tuple[str, str, Tuple[str, ...]], Scored] = {}
         with quiet():
             self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(scorer.device)
             self.model.eval()
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
             self.lm = HFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=scorer.batch_size)
 
-    def score(self, state: Mapping[str, object], data_dir: Path, tasks: Sequence[str], name: str = "candidate") -> Scores:
-        self.model.load_state_dict(state, strict=True)
-        return self.scorer.run(self.lm, data_dir, tasks, None, name)
+    def score(self, state: Mapping[str, object], data_dir: Path, tasks: Sequence[str], name: str = "candidate") -> Scored:
+        key = (state_digest(state), str(data_dir), tuple(tasks))
+        if key not in self.scored:
+            self.model.load_state_dict(state, strict=True)
+            self.scored[key] = self.scorer.run(self.lm, data_dir, tasks, None, name)
+        return self.scored[key]

@@ -1,7 +1,8 @@
 """The demo's mergekit recipes: templates in ``configs/demo/<merge set>/<method>.yml``.
 
 A template is an ordinary mergekit recipe whose run-dependent values are ``${name}`` fields:
-``${models}`` (the directory of the built models), ``${lambda}`` and ``${rho}`` (picked on
+``${path_base}``, ``${path_instruction}``, … (the directories of the built models the
+merge takes: a seed's task models, with the heterogeneous setting's candidate in place of its model), ``${lambda}`` and ``${rho}`` (picked on
 the validation items), and for fednova ``${steps_<model>}`` and ``${learning_rate_<model>}``
 (what training recorded in the models' manifest). ``fill_template`` substitutes them and
 ``fedmerge demo`` writes the result, a complete recipe, to ``<out>/recipes/``: those are the
@@ -72,14 +73,13 @@ def fill_template(text: str, values: Mapping[str, object], where: str = "templat
 
 
 def recipe_values(
-    models_dir: Path, manifest: Mapping[str, dict], parameters: Mapping[str, float]
+    models_dir: Path, paths: Mapping[str, str], entries: Mapping[str, dict], parameters: Mapping[str, float]
 ) -> Dict[str, object]:
-    """The values a template can ask for: the models directory, each task model's recorded
-    steps and learning rate, and the chosen ``lambda`` / ``rho``."""
-    values: Dict[str, object] = {"models": str(models_dir.resolve())}
-    for name, entry in manifest["models"].items():
-        if name == "base":
-            continue
+    """The values a template can ask for: each model's directory (``path_<name>``, from
+    ``paths``: name -> directory under ``models_dir``), each task model's recorded steps and
+    learning rate (``entries``: its manifest entry), and the chosen ``lambda`` / ``rho``."""
+    values: Dict[str, object] = {f"path_{name}": str((models_dir / path).resolve()) for name, path in paths.items()}
+    for name, entry in entries.items():
         values[f"steps_{name}"] = int(entry["training"]["steps"])
         values[f"learning_rate_{name}"] = float(entry["training"]["learning_rate"])
     values.update(parameters)

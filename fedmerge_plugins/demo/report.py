@@ -1,27 +1,40 @@
-"""Tables, the winner statement, ``report.md`` and the bar chart of a demo run.
+"""Tables, ``report.md`` and the bar chart of a demo run.
 
-Everything here is computed from a ``DemoResult`` (or its ``results.json``): the printed
-numbers, the winner and its margins all come from the same table values.
+Everything here is computed from a ``DemoResult`` turned into a dict (or its ``results.json``):
+the printed numbers, intervals and tallies all come from ``result["comparisons"]``
+(``compare.compare``) and the variants' measured scores.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Sequence
 
-from fedmerge_plugins.catalogue import LABELS
+from fedmerge_plugins.catalogue import BASELINE, LABELS
 from fedmerge_plugins.demo.build import TASK_MODELS
+from fedmerge_plugins.demo.compare import ALL_THREE, by_setting
 from fedmerge_plugins.demo.data import TASK_LABELS, TASKS
-from fedmerge_plugins.demo.recipes import METHODS
+from fedmerge_plugins.demo.recipes import MERGE_SETS, METHODS
 from fedmerge_plugins.evaluation.report import markdown_table
 
 CHART = "normalized_accuracy.png"
 METHOD_LABELS = LABELS
+HOMOGENEOUS, HETEROGENEOUS = "homogeneous", "heterogeneous"
 
 
 def percent(value: float) -> str:
     return f"{100 * value:.1f}"
+
+
+def signed(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def interval_text(interval: Mapping) -> str:
+    """"+3.1 [−0.4, +6.5]" (points of average normalized accuracy), "≈" marking within noise."""
+    mark = " ≈" if interval["verdict"] == "unchanged" else ""
+    return f"{signed(interval['estimate'])} [{signed(interval['low'])}, {signed(interval['high'])}]{mark}"
 
 
 def parameters_text(parameters: Mapping[str, float]) -> str:
@@ -29,148 +42,146 @@ def parameters_text(parameters: Mapping[str, float]) -> str:
     return ", ".join(f"{names.get(k, k)}={v:.3g}" for k, v in sorted(parameters.items()))
 
 
-def results_table(result: Mapping) -> str:
-    """Rows: base, task models, then every (merge set, method); columns: the three tasks
-    (accuracy %, with normalized accuracy % for merges) and the average normalized accuracy."""
-    headers = ["model", "merge set", "λ, ρ", *[f"{TASK_LABELS[t]} ({t})" for t in TASKS], "avg normalized"]
-    rows: List[List[str]] = []
-    references = result["references"]
-    own = {task: references[name][task] for name, task in TASK_MODELS.items()}
-    for name in ["base", *TASK_MODELS]:
-        scores = references[name]
-        label = "base (pre-trained)" if name == "base" else f"{name} model"
-        rows.append([label, "", "", *[percent(scores[t]) for t in TASKS], ""])
-    for merge_set, methods in result["merges"].items():
-        for method in METHODS:
-            entry = methods[method]
-            cells = []
-            for task in TASKS:
-                if task in entry["test"]:
-                    cells.append(f"{percent(entry['test'][task])} ({percent(entry['normalized'][task])})")
-                else:
-                    cells.append("/")
-            rows.append(
-                [METHOD_LABELS[method], merge_set, parameters_text(entry["parameters"]), *cells, percent(entry["average"])]
-            )
-    note = (
-        "Test accuracy % of each model; for merges, in parentheses, normalized accuracy % (accuracy / "
-        f"the task model's own accuracy: {', '.join(f'{TASK_LABELS[t]} {percent(v)}' for t, v in own.items())}). "
-        "avg normalized: mean over the merged tasks. /: task not merged."
-    )
-    return markdown_table(headers, rows) + "\n\n" + note
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
-def norm_table(result: Mapping) -> str:
-    """The paper's Table 7 for the demo: task-vector norms and the training that made them."""
-    models = result["manifest"]["models"]
-    headers = ["", *TASK_MODELS]
+def task_model_table(result: Mapping) -> str:
+    """Per seed: each task model's test accuracy on its own task (the base's beside it), and the
+    heterogeneous candidates' validation accuracy with the one picked."""
+    grouped = by_setting(result)
+    base = result["base"]
+    headers = ["seed", *[f"{TASK_LABELS[t]} ({name})" for name, t in TASK_MODELS.items()], "heterogeneous model: validation accuracy per candidate (steps)", "its test accuracy"]
+    rows = [["base", *[percent(base[t]) for t in TASK_MODELS.values()], "", ""]]
+    for homogeneous, heterogeneous in zip(grouped[HOMOGENEOUS], grouped[HETEROGENEOUS]):
+        special = next(name for name in TASK_MODELS if heterogeneous["models"][name]["path"] != homogeneous["models"][name]["path"])
+        picked = heterogeneous["models"][special]["training"]["steps"]
+        candidates = ", ".join(
+            f"{'**' if c['steps'] == picked else ''}{c['steps']}: {percent(c['validation_accuracy'])}{'**' if c['steps'] == picked else ''}"
+            for c in heterogeneous["candidates"]
+        )
+        rows.append(
+            [str(homogeneous["seed"]), *[percent(homogeneous["test_references"][t]) for t in TASK_MODELS.values()], candidates,
+             percent(heterogeneous["test_references"][TASK_MODELS[special]])]
+        )
+    return markdown_table(headers, rows) + "\n\nTest accuracy % on the model's own task (base: of the pre-trained model); bold: the candidate picked on validation."
+
+
+def settings_table(result: Mapping) -> str:
+    """The paper's Tables 3/4: task arithmetic, homogeneous against heterogeneous training."""
+    comparisons = result["comparisons"]["settings"]
+    headers = ["merge set", "homogeneous", "heterogeneous", "heterogeneous − homogeneous [95 % CI]"]
     rows = [
-        ["task vector norm ‖τ_t‖", *[f"{models[m]['task_vector_norm']:.2f}" for m in TASK_MODELS]],
-        ["fine-tuning steps", *[str(models[m]["training"]["steps"]) for m in TASK_MODELS]],
-        ["learning rate (constant)", *[f"{models[m]['training']['learning_rate']:g}" for m in TASK_MODELS]],
-        [
-            "steps × rate (FedNova's ‖a_t‖₁)",
-            *[f"{models[m]['training']['steps'] * models[m]['training']['learning_rate']:.3g}" for m in TASK_MODELS],
-        ],
-        ["batch size", *[str(models[m]["training"]["batch_size"]) for m in TASK_MODELS]],
+        [name, percent(entry[HOMOGENEOUS]), percent(entry[HETEROGENEOUS]), interval_text(entry["difference"])]
+        for name, entry in comparisons.items()
     ]
     return markdown_table(headers, rows)
 
 
-def averages(result: Mapping) -> Dict[str, Dict[str, float]]:
-    """method -> merge set -> average normalized test accuracy."""
-    return {
-        method: {merge_set: methods[method]["average"] for merge_set, methods in result["merges"].items()}
-        for method in METHODS
-    }
-
-
-def overall_averages(result: Mapping) -> Dict[str, float]:
-    """method -> mean over the merge sets of its average normalized test accuracy."""
-    return {method: sum(values.values()) / len(values) for method, values in averages(result).items()}
-
-
-def ranking(scores: Mapping[str, float]) -> List[Tuple[str, float]]:
-    """Methods best first (ties keep the order of METHODS)."""
-    return sorted(scores.items(), key=lambda item: -item[1])
-
-
-def margin_sentence(ranked: Sequence[Tuple[str, float]]) -> str:
-    """"X with 71.0, 5.0 points ahead of Y (66.0) and 20.0 ahead of Task Arithmetic (51.0)"."""
-    (best, top), (second, runner) = ranked[0], ranked[1]
-    leaders = [method for method, value in ranked if value == top]
-    if len(leaders) > 1:
-        text = f"a tie between {', '.join(METHOD_LABELS[m] for m in leaders)} at {percent(top)}"
-    else:
-        text = (
-            f"{METHOD_LABELS[best]} with {percent(top)}, {percent(top - runner)} points ahead of "
-            f"{METHOD_LABELS[second]} ({percent(runner)})"
+def methods_table(result: Mapping) -> str:
+    """The paper's Table 2: each method against task arithmetic in the heterogeneous setting."""
+    comparisons = result["comparisons"]["methods"]
+    headers = ["method", "improved", "unchanged", "degraded", "mean Δ over all [95 % CI]", *MERGE_SETS]
+    rows = []
+    for method, entry in comparisons.items():
+        tally = entry["tally"]
+        rows.append(
+            [METHOD_LABELS[method], str(tally["improved"]), str(tally["unchanged"]), str(tally["degraded"]), interval_text(entry["overall"]),
+             *[interval_text(entry["per_set"][s]) for s in MERGE_SETS]]
         )
-    baseline = dict(ranked)["task_arithmetic"]
-    if "task_arithmetic" not in leaders and second != "task_arithmetic":
-        text += f" and {percent(top - baseline)} ahead of Task Arithmetic ({percent(baseline)})"
-    return text
+    return markdown_table(headers, rows)
 
 
-def winner_lines(result: Mapping) -> List[str]:
-    """Per merge set and overall: which method won on the test items, and by how much."""
-    table = averages(result)
+def noise_lines(result: Mapping) -> List[str]:
+    """Which differences to task arithmetic are within noise (intervals containing 0)."""
     lines = []
-    for merge_set in result["merges"]:
-        ranked = ranking({method: table[method][merge_set] for method in METHODS})
-        lines.append(f"- {merge_set}: {margin_sentence(ranked)}.")
-    overall = margin_sentence(ranking(overall_averages(result)))
-    lines.append(f"- Overall (mean over the {len(result['merges'])} merge sets): {overall}.")
+    for method, entry in result["comparisons"]["methods"].items():
+        overall = entry["overall"]
+        label = METHOD_LABELS[method]
+        if overall["verdict"] == "unchanged":
+            lines.append(f"- {label}: {signed(overall['estimate'])} points on average, within noise (the interval contains 0).")
+        else:
+            word = "better" if overall["verdict"] == "improved" else "worse"
+            lines.append(f"- {label}: {signed(overall['estimate'])} points on average, {word} than task arithmetic beyond noise.")
+    setting = result["comparisons"]["settings"]["all"]["difference"]
+    lines.append(
+        f"- Task arithmetic, heterogeneous against homogeneous training: {signed(setting['estimate'])} points, "
+        + ("within noise." if setting["verdict"] == "unchanged" else "beyond noise.")
+    )
     return lines
 
 
-def winner(result: Mapping) -> Tuple[str, float, str, float]:
-    """(overall winner, its mean, runner-up, the runner-up's mean) of average normalized accuracy."""
-    (best, top), (second, runner) = ranking(overall_averages(result))[:2]
-    return best, top, second, runner
-
-
-def search_table(result: Mapping) -> str:
-    headers = ["merge set", "method", "candidates", "picked", "validation avg normalized", "merged by", "max |Δ| vs in-memory"]
+def results_table(result: Mapping) -> str:
+    """Mean over the seeds of each merge's normalized test accuracy per task and on average."""
+    grouped = by_setting(result)
+    headers = ["setting", "merge set", "method", "λ, ρ picked (per seed)", *[TASK_LABELS[t] for t in TASKS], "avg normalized"]
     rows = []
-    for merge_set, methods in result["merges"].items():
-        for method in METHODS:
-            entry = methods[method]
-            rows.append(
-                [
-                    merge_set,
-                    METHOD_LABELS[method],
-                    str(len(result["sweep"][merge_set][method])),
-                    parameters_text(entry["parameters"]),
-                    percent(entry["validation_average"]),
-                    entry["merged_with"],
-                    f"{entry['max_abs_difference_to_sweep_merge']:.1e}",
-                ]
-            )
+    for setting, variants in grouped.items():
+        for merge_set in MERGE_SETS:
+            for method in variants[0]["merges"][merge_set]:
+                entries = [v["merges"][merge_set][method] for v in variants]
+                cells = [percent(mean([e["normalized"][t] for e in entries])) if t in entries[0]["normalized"] else "/" for t in TASKS]
+                picked = "; ".join(parameters_text(e["parameters"]) for e in entries)
+                rows.append([setting, merge_set, METHOD_LABELS[method], picked, *cells, percent(mean([e["average"] for e in entries]))])
+    return markdown_table(headers, rows) + "\n\nNormalized accuracy % on the test items (accuracy / the task model's own accuracy), mean over the seeds. /: task not merged."
+
+
+def norm_table(result: Mapping) -> str:
+    """Task-vector norms (the paper's Table 7), the training behind them, FedNova's weights and χ²(p‖w)."""
+    from fedmerge_plugins.diagnostics.stats import chi_square, fednova_weights
+
+    headers = ["setting", "seed", *[f"‖τ‖ {name}" for name in TASK_MODELS], "steps × rate", "FedNova w", "χ²(p‖w)"]
+    rows = []
+    for variant in result["variants"]:
+        models = variant["models"]
+        effective = [models[m]["training"]["steps"] * models[m]["training"]["learning_rate"] for m in TASK_MODELS]
+        weights = fednova_weights(effective)
+        rows.append(
+            [variant["setting"], str(variant["seed"]), *[f"{models[m]['task_vector_norm']:.2f}" for m in TASK_MODELS],
+             " / ".join(f"{a:.3g}" for a in effective), " / ".join(f"{w:.3f}" for w in weights), f"{chi_square(weights):.3f}"]
+        )
+    return markdown_table(headers, rows) + "\n\nsteps × rate is FedNova's ‖a_t‖₁ (constant rate); w_t = ‖a_t‖₁ / Σ_s ‖a_s‖₁, χ²(p‖w) with p uniform (0 for equal training)."
+
+
+def mergekit_table(result: Mapping) -> str:
+    headers = ["variant", "merge set", "method", "candidates", "picked", "validation avg normalized", "merged by", "max |Δ| vs in-memory"]
+    rows = []
+    for variant in result["variants"]:
+        for merge_set, methods in variant["merges"].items():
+            for method, entry in methods.items():
+                if "max_abs_difference_to_sweep_merge" not in entry:
+                    continue
+                rows.append(
+                    [f"seed {variant['seed']} {variant['setting']}", merge_set, METHOD_LABELS[method], str(len(variant["sweep"][merge_set][method])),
+                     parameters_text(entry["parameters"]), percent(entry["validation_average"]), entry["merged_with"],
+                     f"{entry['max_abs_difference_to_sweep_merge']:.1e}"]
+                )
     return markdown_table(headers, rows)
 
 
 def draw_chart(result: Mapping, path: Path) -> Path:
-    """Grouped bars: average normalized test accuracy per merge set and method."""
+    """Grouped bars: average normalized test accuracy per merge set (mean over seeds):
+    homogeneous task arithmetic, then every method in the heterogeneous setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = averages(result)
-    sets = list(result["merges"])
-    width = 0.8 / len(METHODS)
-    figure, axis = plt.subplots(figsize=(9, 4.5), dpi=120)
-    for index, method in enumerate(METHODS):
-        xs = [i + (index - (len(METHODS) - 1) / 2) * width for i in range(len(sets))]
-        values = [100 * table[method][s] for s in sets]
-        bars = axis.bar(xs, values, width, label=METHOD_LABELS[method])
+    grouped = by_setting(result)
+    series = [("Task Arithmetic (homogeneous)", HOMOGENEOUS, BASELINE)] + [(f"{METHOD_LABELS[m]} (heterogeneous)", HETEROGENEOUS, m) for m in METHODS]
+    sets = list(MERGE_SETS)
+    width = 0.8 / len(series)
+    figure, axis = plt.subplots(figsize=(10, 4.8), dpi=120)
+    for index, (label, setting, method) in enumerate(series):
+        xs = [i + (index - (len(series) - 1) / 2) * width for i in range(len(sets))]
+        values = [100 * mean([v["merges"][s][method]["average"] for v in grouped[setting]]) for s in sets]
+        bars = axis.bar(xs, values, width, label=label)
         axis.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
     axis.set_xticks(range(len(sets)), sets)
     axis.set_ylabel("average normalized accuracy (%)")
-    axis.set_title("fedmerge demo: merged models on held-out test items")
+    axis.set_title("fedmerge demo: merged models on held-out test items (mean over seeds)")
     axis.axhline(100, color="grey", linewidth=0.8, linestyle="--")
-    axis.legend(ncol=len(METHODS), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    axis.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -181,14 +192,34 @@ def timing_lines(result: Mapping) -> List[str]:
     return [f"- {name}: {seconds:.0f} s" for name, seconds in result["timings"].items()]
 
 
+def search_scope(result: Mapping) -> str:
+    """Which seeds' models the validation search ran on."""
+    if result["settings"].get("search_each_seed", True):
+        return "for each seed"
+    first = result["variants"][0]["seed"]
+    return (
+        f"on seed {first}'s models (the other seeds merge at the grid position seed {first}'s search chose: the same λ "
+        "and FedGMA ρ, CCLIP's ρ at the same step between their own norms; `fedmerge demo --search-each-seed` searches every seed)"
+    )
+
+
+def criterion_line(result: Mapping) -> str:
+    criterion = result["comparisons"]["criterion"]
+    return (
+        f"Homogeneous task arithmetic over all three tasks keeps {percent(criterion['homogeneous_task_arithmetic_all_three'])} % "
+        f"average normalized accuracy (mean over the seeds); the demo is built for at least {percent(criterion['threshold'])} % "
+        f"({'met' if criterion['met'] else 'NOT met'})."
+    )
+
+
 def report_markdown(result: Mapping) -> str:
     manifest = result["manifest"]
     config = manifest["config"]
     shape = config["shape"]
     settings = result["settings"]
-    models = manifest["models"]
-    outlier = max(TASK_MODELS, key=lambda m: models[m]["task_vector_norm"])
-    best, top, second, runner = winner(result)
+    comparisons = result["comparisons"]
+    finetune = config["finetune"]
+    cases = len(MERGE_SETS) * len(config["seeds"])
     sections = [
         "# fedmerge demo: the paper's LLM experiment in miniature",
         f"Size `{result['size']}`; output directory `{result['out']}`.",
@@ -196,74 +227,84 @@ def report_markdown(result: Mapping) -> str:
         (
             f"A Llama-architecture model ({shape['num_hidden_layers']} layers, hidden size {shape['hidden_size']}, "
             f"{config['vocab_size']}-token byte-level BPE tokenizer trained here) was pre-trained for "
-            f"{config['pretrain']['steps']} steps on a mixed synthetic corpus, then fine-tuned into three task "
-            "models with heterogeneous training (the paper's appendix B.1): "
-            + "; ".join(
-                f"{m} ({TASK_LABELS[models[m]['task']]} task `{models[m]['task']}`): "
-                f"{models[m]['training']['steps']} steps at learning rate {models[m]['training']['learning_rate']:g}"
-                for m in TASK_MODELS
-            )
-            + f". The {outlier} model's task vector is the outlier."
+            f"{config['pretrain']['steps']} steps on a mixed synthetic corpus in which {percent(config['format_share'])} % of the "
+            "documents are training items in the tasks' own format, then fine-tuned into three task models "
+            f"(instruction, math, code) with {len(config['seeds'])} seeds. Homogeneous setting: all three "
+            f"{finetune['steps']} steps at learning rate {finetune['learning_rate']:g}. Heterogeneous setting (the paper's "
+            f"§6.1.2): the {config['heterogeneous_model']} model at {config['lr_factor']:g}× that rate, its steps picked on "
+            f"validation among {', '.join(map(str, config['heterogeneous_steps']))}; the others as in the homogeneous setting."
         ),
         (
-            "Each merge set (the paper's four) was merged by each method. λ and ρ were picked on "
-            f"{config['n_validation']} validation items per task by the highest average normalized accuracy "
+            f"λ and ρ were picked {search_scope(result)}, per setting, merge set and method, on {config['n_validation']} validation items per task "
             f"(λ ∈ {{{', '.join(f'{v:g}' for v in settings['lambdas'])}}}; FedGMA ρ ∈ "
             f"{{{', '.join(f'{v:g}' for v in settings['fedgma_rhos'])}}}, values giving the same merge evaluated once; "
-            f"CCLIP ρ: {settings['cclip_count']} values evenly spaced from the smallest task-vector norm of the set "
-            "(included) to the largest (excluded)). The search merged in memory with mergekit's "
-            "`merge_state_dicts`; the picked values were written into the recipes under "
-            f"`{Path(result['out']) / 'recipes'}` and merged by mergekit from those files. Base, task models and "
-            f"every merge were scored with lm-eval on {config['n_test']} held-out test items per task "
-            f"(greedy, at most {settings['max_gen_toks']} new tokens)."
+            f"CCLIP ρ: {settings['cclip_count']} values from the smallest task-vector norm of the set (included) to the "
+            f"largest (excluded)). Every merge was scored with lm-eval on {config['n_test']} held-out test items per task "
+            f"(greedy, at most {settings['max_gen_toks']} new tokens). Intervals: 95 % paired bootstrap over the test items "
+            f"({comparisons['samples']} resamples, the task models' reference scores resampled with them); ≈ marks a "
+            "difference within noise (its interval contains 0)."
         ),
-        "## Results (test items)",
-        results_table(result),
-        "## Which method won",
+        criterion_line(result),
+        "## Task models",
+        task_model_table(result),
+        "## Task arithmetic: homogeneous against heterogeneous training (as the paper's Tables 3 and 4)",
+        settings_table(result),
+        "Average normalized accuracy %, mean over the seeds; the difference in points with its interval.",
+        "## Every method against task arithmetic, heterogeneous setting (as the paper's Table 2)",
+        methods_table(result),
         (
-            f"Overall winner: **{METHOD_LABELS[best]}**, mean average normalized accuracy {percent(top)} over the merge sets, "
-            f"{percent(top - runner)} points ahead of {METHOD_LABELS[second]} ({percent(runner)})."
+            f"improved / unchanged / degraded: over the {cases} cases (merge sets × seeds), whether the interval of the "
+            "method's difference to task arithmetic lies above 0, contains 0 (within noise) or lies below. Δ: points of "
+            "average normalized accuracy, mean over the seeds."
         ),
-        "\n".join(winner_lines(result)),
+        "\n".join(noise_lines(result)),
         f"![average normalized accuracy]({CHART})",
-        "## Task vector norms (as the paper's Table 7)",
+        "## All merges (test items)",
+        results_table(result),
+        "## Task vector norms and FedNova's χ²(p‖w)",
         norm_table(result),
-        "## Validation search",
-        search_table(result),
+        "## mergekit from the recipe files",
         (
-            "max |Δ|: the largest difference between the weights mergekit wrote from the recipe and the "
-            "in-memory merge the search scored."
+            f"For seed {result['variants'][0]['seed']}'s heterogeneous setting every winner was written into its recipe "
+            f"(`{Path(result['out']) / 'recipes'}`) and merged by mergekit from that file; the other variants' winners were "
+            "scored from the in-memory merge (mergekit's `merge_state_dicts`), their recipes written all the same."
         ),
+        mergekit_table(result),
         "## Time",
         "\n".join(timing_lines(result)),
         "## Caveats",
         (
-            "A few-minute CPU miniature, not the paper's 13B models: the tasks are synthetic, the test "
-            "sets small (one item is "
-            f"{100 / config['n_test']:.1f} points of accuracy), and a different seed or size can change the "
-            "ranking. The numbers above are what this run measured; nothing was tuned for a method to win."
+            "A few-minute CPU miniature, not the paper's 13B models: the tasks are synthetic and the test sets "
+            f"{config['n_test']} items per task (one item is {100 / config['n_test']:.1f} points of a task's accuracy). "
+            "The numbers above are what this run measured; nothing was tuned for a method to win."
         ),
     ]
     return "\n\n".join(sections) + "\n"
 
 
 def write_report(result, out: Path, log: Callable[[str], None] = print) -> Path:
-    """Print the tables and winner, write ``results.json``, ``report.md`` and the chart."""
+    """Print the main tables, write ``results.json``, ``report.md`` and the chart."""
     from dataclasses import asdict, is_dataclass
 
     data = asdict(result) if is_dataclass(result) else dict(result)
-    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(data) + "\n")
     draw_chart(data, out / CHART)
     path = out / "report.md"
     path.write_text(report_markdown(data))
     log("")
-    log(results_table(data))
+    log(criterion_line(data))
+    log("")
+    log(task_model_table(data))
+    log("")
+    log("Task arithmetic, homogeneous against heterogeneous training:")
+    log(settings_table(data))
+    log("")
+    log("Every method against task arithmetic (heterogeneous):")
+    log(methods_table(data))
+    for line in noise_lines(data):
+        log(line)
     log("")
     log(norm_table(data))
-    log("")
-    log("Which method won (average normalized accuracy on the test items):")
-    for line in winner_lines(data):
-        log(line)
     log("")
     log(f"Report: {path}  (chart: {out / CHART}; recipes: {out / 'recipes'})")
     return path

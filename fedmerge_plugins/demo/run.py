@@ -1,21 +1,24 @@
 """The demo pipeline: build, evaluate the references, pick λ/ρ on validation, merge, score.
 
-1. ``build_models``: tokenizer, base and three task models (cached under ``out/models``).
+1. ``build_models``: tokenizer, base, and per fine-tuning seed the three task models and the
+   heterogeneous model's candidates (cached under ``out/models``).
 2. Held-out data: ``out/data/validation/*.jsonl`` and ``out/data/test/*.jsonl``.
-3. References: base and task models on the test items; task models on the validation
-   items of their own task (the denominators of normalized accuracy).
-4. For each merge set (the paper's four) and method (five), the search engine
+3. References, per seed: each task model on the test and validation items of its own task;
+   the heterogeneous candidates on their validation items, the best one (ties: fewer steps)
+   becomes the heterogeneous setting's model (appendix B.1 picks each configuration on
+   validation). A ``Variant`` is one seed in one setting: homogeneous (the three models trained
+   alike) or heterogeneous (the same, with the picked candidate in place of its task's model).
+4. For each variant, merge set (the paper's four) and method (task arithmetic only for the
+   homogeneous setting, all five for the heterogeneous one), the search engine
    (``fedmerge_plugins.search``, as ``fedmerge sweep`` and the CLIP experiment) merges each
-   distinct point of the grid in memory with mergekit's ``merge_state_dicts`` (the kernel
-   ``mergekit-yaml`` runs; FedGMA's ρ values with the same merge once) and scores it on the
-   validation items; the best average normalized accuracy wins (ties: the earlier point).
-5. The chosen values fill ``configs/demo/<set>/<method>.yml``; the recipe is merged by
-   mergekit (``run_merge`` in this process, one recipe by a ``mergekit-yaml`` subprocess),
-   checked against the in-memory merge, and scored on the test items.
-6. ``report.write_report``: tables, ``report.md``, ``normalized_accuracy.png``, ``results.json``.
-
-Normalized accuracy of a merge on a task = its accuracy / the task model's accuracy on the
-same items; a merge's score is the mean over the tasks it merges.
+   distinct point of the grid in memory with mergekit's ``merge_state_dicts`` and scores it on
+   the validation items; the best average normalized accuracy wins (ties: the earlier point).
+5. The chosen values fill ``configs/demo/<set>/<method>.yml`` (written to ``out/recipes``). For
+   the first seed's heterogeneous variant mergekit merges the recipe files (``run_merge`` in
+   process, one recipe by a ``mergekit-yaml`` subprocess), checked against the in-memory merge;
+   every winner is scored on the test items with its item scores kept.
+6. ``stats``: paired-bootstrap intervals; ``report.write_report``: tables, ``report.md``,
+   ``normalized_accuracy.png``, ``results.json``.
 """
 
 from __future__ import annotations
@@ -29,15 +32,19 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fedmerge_plugins import search
+from fedmerge_plugins.catalogue import BASELINE
 from fedmerge_plugins.demo import data
 from fedmerge_plugins.demo.build import SIZES as BUILD_SIZES
-from fedmerge_plugins.demo.build import TASK_MODELS, BuildConfig, build_models, task_splits
+from fedmerge_plugins.demo.build import TASK_MODELS, BuildConfig, build_models, candidate_name, task_splits
 from fedmerge_plugins.demo.recipes import MERGE_SETS, METHODS, recipe_values, write_recipe
 from fedmerge_plugins.grids import CCLIP_RHO_COUNT, LLM_LAMBDAS, fedgma_rho_grid, lambda_grid
 from fedmerge_plugins.normalized import normalized_accuracy
 from fedmerge_plugins.search import Evaluation, Point, method_grid
 
 Log = Callable[[str], None]
+HOMOGENEOUS, HETEROGENEOUS = "homogeneous", "heterogeneous"
+SETTINGS = (HOMOGENEOUS, HETEROGENEOUS)
+SETTING_METHODS: Dict[str, Tuple[str, ...]] = {HOMOGENEOUS: (BASELINE,), HETEROGENEOUS: METHODS}
 
 
 @dataclass(frozen=True)
@@ -48,28 +55,60 @@ class DemoSettings:
     lambdas: Tuple[float, ...] = tuple(lambda_grid(*LLM_LAMBDAS))  # the paper's 0.2, 0.4, …, 1.0
     fedgma_rhos: Tuple[float, ...] = tuple(fedgma_rho_grid())  # 0.1, 0.2, …, 1.0
     cclip_count: int = CCLIP_RHO_COUNT  # 5
-    batch_size: int = 32
-    max_gen_toks: int = 40
+    batch_size: int = 256  # every item of a task in one batch
+    max_gen_toks: int = 32
     subprocess_recipe: Tuple[str, str] = ("instruction-math-code", "cclip")
+    bootstrap_samples: int = 2000
+    search_each_seed: bool = False  # False: the first seed's search picks every seed's grid position
 
 
 SIZES: Dict[str, DemoSettings] = {
     "full": DemoSettings(build=BUILD_SIZES["full"]),
-    "small": DemoSettings(build=BUILD_SIZES["small"], lambdas=(0.5, 1.0), fedgma_rhos=(0.1, 0.6), cclip_count=2),
+    "small": DemoSettings(build=BUILD_SIZES["small"], lambdas=(0.6, 1.0), fedgma_rhos=(0.1, 1.0), cclip_count=1, bootstrap_samples=1000),
 }
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One merge of a method's search grid; ``same_as`` lists the other ρ giving the same merge."""
+@dataclass
+class Variant:
+    """One fine-tuning seed in one setting: its three task models and what was measured with them."""
 
-    method: str
-    parameters: Tuple[Tuple[str, float], ...]
-    same_as: Tuple[float, ...] = ()
+    seed: int
+    setting: str
+    models: Dict[str, dict]  # task model name -> manifest entry (path, task, training, task_vector_norm)
+    validation_references: Dict[str, float] = field(default_factory=dict)  # own task, validation items
+    test_references: Dict[str, float] = field(default_factory=dict)  # own task, test items
+    reference_items: Dict[str, List[float]] = field(default_factory=dict)  # own task's test item scores
+    candidates: List[dict] = field(default_factory=list)  # heterogeneous: each candidate's validation accuracy
+    sweep: Dict[str, Dict[str, List[dict]]] = field(default_factory=dict)
+    merges: Dict[str, Dict[str, dict]] = field(default_factory=dict)
 
     @property
-    def values(self) -> Dict[str, float]:
-        return dict(self.parameters)
+    def name(self) -> str:
+        return f"seed{self.seed}-{self.setting}"
+
+    @property
+    def methods(self) -> Tuple[str, ...]:
+        return SETTING_METHODS[self.setting]
+
+
+@dataclass
+class DemoResult:
+    """Everything a demo run measured; ``report`` turns it into tables and files."""
+
+    out: str
+    size: str
+    settings: dict
+    manifest: dict
+    base: Dict[str, float]  # the base's test accuracy per task
+    variants: List[Variant] = field(default_factory=list)
+    comparisons: dict = field(default_factory=dict)  # stats, filled by compare()
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def settings_dict(settings: DemoSettings) -> dict:
+    result = asdict(settings)
+    result["build"] = None  # the manifest holds the build configuration
+    return {k: v for k, v in result.items() if v is not None}
 
 
 def grid_points(method: str, models: Sequence[str], norms: Mapping[str, float], settings: DemoSettings) -> List[Point]:
@@ -78,18 +117,8 @@ def grid_points(method: str, models: Sequence[str], norms: Mapping[str, float], 
     return method_grid(method, settings.lambdas, settings.fedgma_rhos, model_norms, settings.cclip_count)
 
 
-def candidates(method: str, models: Sequence[str], norms: Mapping[str, float], settings: DemoSettings) -> List[Candidate]:
-    """The distinct merges of the grid (``search.merge_groups``): FedGMA's ρ values with the
-    same ``full_agreement_count`` are one merge, listed under the first of them."""
-    groups = search.merge_groups(method, grid_points(method, models, norms, settings), len(models))
-    return [
-        Candidate(method, tuple(same[0].parameters.items()), tuple(p.parameters["rho"] for p in same[1:])) for same in groups
-    ]
-
-
-def merge_parameters(method: str, models: Sequence[str], values: Mapping[str, float], manifest: Mapping) -> Dict:
+def merge_parameters(method: str, models: Sequence[str], values: Mapping[str, float], entries: Mapping[str, dict]) -> Dict:
     """Python-API parameters: the chosen values plus what the recipe states per model."""
-    entries = manifest["models"]
     return search.point_parameters(
         method,
         values,
@@ -99,8 +128,8 @@ def merge_parameters(method: str, models: Sequence[str], values: Mapping[str, fl
     )
 
 
-def merge_in_memory(states: Mapping[str, Mapping], models: Sequence[str], method: str, values, manifest) -> Dict:
-    return search.merge_in_memory(states["base"], {m: states[m] for m in models}, method, merge_parameters(method, models, values, manifest))
+def merge_in_memory(states: Mapping[str, Mapping], models: Sequence[str], method: str, values, entries) -> Dict:
+    return search.merge_in_memory(states["base"], {m: states[m] for m in models}, method, merge_parameters(method, models, values, entries))
 
 
 def normalized(scores: Mapping[str, float], reference: Mapping[str, float]) -> Dict[str, float]:
@@ -113,10 +142,11 @@ def normalized(scores: Mapping[str, float], reference: Mapping[str, float]) -> D
     )
 
 
-def load_states(models_dir: Path) -> Dict[str, Dict]:
+def load_states(models_dir: Path, paths: Sequence[str]) -> Dict[str, Dict]:
+    """Weights of each model directory (relative to ``models_dir``), keyed by that path."""
     from safetensors.torch import load_file
 
-    return {name: load_file(str(models_dir / name / "model.safetensors")) for name in ["base", *TASK_MODELS]}
+    return {path: load_file(str(models_dir / path / "model.safetensors")) for path in paths}
 
 
 def mergekit_yaml(recipe: Path, out_path: Path) -> None:
@@ -153,135 +183,158 @@ def max_difference(expected: Mapping, merged_dir: Path) -> float:
 
 
 @dataclass
-class DemoResult:
-    """Everything a demo run measured; ``report`` turns it into tables and files."""
-
-    out: str
-    size: str
-    settings: dict
-    manifest: dict
-    references: Dict[str, Dict[str, float]]  # test accuracy of base and task models
-    validation_references: Dict[str, float]  # task model accuracy on its own validation items
-    merges: Dict[str, Dict[str, dict]] = field(default_factory=dict)
-    sweep: Dict[str, Dict[str, List[dict]]] = field(default_factory=dict)
-    timings: Dict[str, float] = field(default_factory=dict)
-
-
-def settings_dict(settings: DemoSettings) -> dict:
-    result = asdict(settings)
-    result["build"] = None  # the manifest holds the build configuration
-    return {k: v for k, v in result.items() if v is not None}
-
-
-@dataclass
 class DemoPoint:
     """One grid point's unit of work: merge in memory, score on the validation items."""
 
-    states: Mapping[str, Mapping]
+    states: Mapping[str, Mapping]  # "base" and the task model names
     models: Sequence[str]
     method: str
-    manifest: Mapping
+    entries: Mapping[str, dict]
     scorer: object  # evaluate.StateScorer
     data_dir: Path
     reference: Mapping[str, float]  # task models' validation accuracy
 
     def __call__(self, point: Point) -> Evaluation:
-        merged = merge_in_memory(self.states, self.models, self.method, point.parameters, self.manifest)
+        merged = merge_in_memory(self.states, self.models, self.method, point.parameters, self.entries)
         tasks = tuple(TASK_MODELS[m] for m in self.models)
-        scores = self.scorer.score(merged, self.data_dir, tasks)  # type: ignore[attr-defined]
+        scores = self.scorer.score(merged, self.data_dir, tasks).scores  # type: ignore[attr-defined]
         return Evaluation(normalized(scores, self.reference), {"accuracy": scores})
 
 
-def evaluate_references(scorer, models_dir: Path, validation_dir: Path, test_dir: Path, out: Path) -> Tuple[Dict[str, Dict[str, float]], Dict[str, float]]:
-    """Test accuracy of the base and task models; each task model's on its own validation items."""
+def variant_states(variant: Variant, states: Mapping[str, Mapping]) -> Dict[str, Mapping]:
+    """``{"base": …, "instruction": …, "math": …, "code": …}`` of the variant's models."""
+    return {"base": states["base"], **{name: states[entry["path"]] for name, entry in variant.models.items()}}
+
+
+def evaluate_references(scorer, manifest: Mapping, models_dir: Path, validation_dir: Path, test_dir: Path, config: BuildConfig) -> Tuple[Dict[str, float], List[Variant]]:
+    """The base's test accuracy; per seed, the two variants with their task models' own-task
+    accuracy (validation and test), the heterogeneous model picked among its candidates."""
     from tqdm.auto import tqdm
 
-    references: Dict[str, Dict[str, float]] = {}
-    validation_references: Dict[str, float] = {}
-    names = ["base", *TASK_MODELS]
-    with tqdm(total=len(names) + len(TASK_MODELS), desc="evaluate base and task models", unit="eval") as bar:
-        for name in names:
-            references[name] = scorer.score_directory(models_dir / name, test_dir, data.TASKS, out / "evals" / name)
+    seeds = manifest["seeds"]
+    special = config.heterogeneous_model
+    total = 1 + len(seeds) * (2 * len(TASK_MODELS) + len(config.heterogeneous_steps) + 1)
+    variants: List[Variant] = []
+    with tqdm(total=total, desc="evaluate base and task models", unit="eval") as bar:
+        base = scorer.score_directory(models_dir / "base", test_dir, data.TASKS).scores
+        bar.update()
+        for seed_text, entries in seeds.items():
+            seed = int(seed_text)
+            homogeneous = Variant(seed, HOMOGENEOUS, {name: entries[name] for name in TASK_MODELS})
+            for name, task in TASK_MODELS.items():
+                test = scorer.score_directory(models_dir / entries[name]["path"], test_dir, (task,))
+                homogeneous.test_references[task], homogeneous.reference_items[task] = test.scores[task], test.items[task]
+                homogeneous.validation_references[task] = scorer.score_directory(models_dir / entries[name]["path"], validation_dir, (task,)).scores[task]
+                bar.update(2)
+            task = TASK_MODELS[special]
+            candidates = []
+            for steps in config.heterogeneous_steps:
+                name = candidate_name(config, steps)
+                accuracy = scorer.score_directory(models_dir / entries[name]["path"], validation_dir, (task,)).scores[task]
+                candidates.append({"model": name, "steps": steps, "validation_accuracy": accuracy})
+                bar.update()
+            picked = max(candidates, key=lambda c: (c["validation_accuracy"], -c["steps"]))
+            heterogeneous = Variant(seed, HETEROGENEOUS, {**homogeneous.models, special: entries[picked["model"]]}, candidates=candidates)
+            heterogeneous.validation_references = {**homogeneous.validation_references, task: picked["validation_accuracy"]}
+            test = scorer.score_directory(models_dir / entries[picked["model"]]["path"], test_dir, (task,))
+            heterogeneous.test_references = {**homogeneous.test_references, task: test.scores[task]}
+            heterogeneous.reference_items = {**homogeneous.reference_items, task: test.items[task]}
             bar.update()
-        for name, task in TASK_MODELS.items():
-            validation_references[task] = scorer.score_directory(models_dir / name, validation_dir, (task,))[task]
-            bar.update()
-    return references, validation_references
+            variants += [homogeneous, heterogeneous]
+    return base, variants
 
 
-def validation_search(result: DemoResult, states, state_scorer, validation_dir: Path, settings: DemoSettings) -> Dict[Tuple[str, str], dict]:
-    """The search engine on every (merge set, method); fills ``result.sweep`` with one row per
-    distinct merge and returns the winning row of each."""
-    from tqdm.auto import tqdm
+def variant_norms(variant: Variant) -> Dict[str, float]:
+    return {name: float(entry["task_vector_norm"]) for name, entry in variant.models.items()}
 
-    manifest = result.manifest
-    norms = {name: float(manifest["models"][name]["task_vector_norm"]) for name in TASK_MODELS}
+
+def validation_search(variant: Variant, states, state_scorer, validation_dir: Path, settings: DemoSettings, bar=None) -> Dict[Tuple[str, str], dict]:
+    """The search engine on every (merge set, method) of the variant; fills ``variant.sweep``
+    with one row per distinct merge and returns the winning row of each, with its
+    ``position`` in the grid."""
+    norms = variant_norms(variant)
     chosen: Dict[Tuple[str, str], dict] = {}
-    work = [(merge_set, method) for merge_set in MERGE_SETS for method in METHODS]
-    for merge_set, method in tqdm(work, desc="validation search (merge in memory, score)", unit="search"):
-        models = MERGE_SETS[merge_set]
-        points = grid_points(method, models, norms, settings)
-        unit = DemoPoint(states, models, method, manifest, state_scorer, validation_dir, result.validation_references)
-        outcome = search.run_search(points, unit, search.ResultLog(None), method=method, task_count=len(models), desc=f"{merge_set} {method}")
-        rows = [
-            {
-                "parameters": record["parameters"],
-                "same_as": [p.parameters["rho"] for p in same[1:]],
-                "scores": record["details"]["accuracy"],
-                "normalized": record["scores"],
-                "average": record["selection"],
-            }
-            for same in search.merge_groups(method, points, len(models))
-            for record in [outcome.records[same[0].key]]
-        ]
-        result.sweep.setdefault(merge_set, {})[method] = rows
-        chosen[(merge_set, method)] = next(row for row in rows if row["parameters"] == outcome.best["parameters"])
+    for merge_set, models in MERGE_SETS.items():
+        for method in variant.methods:
+            points = grid_points(method, models, norms, settings)
+            unit = DemoPoint(states, models, method, variant.models, state_scorer, validation_dir, variant.validation_references)
+            outcome = search.run_search(points, unit, search.ResultLog(None), method=method, task_count=len(models), desc=f"{variant.name} {merge_set} {method}")
+            rows = [
+                {
+                    "parameters": record["parameters"],
+                    "same_as": [p.parameters["rho"] for p in same[1:]],
+                    "scores": record["details"]["accuracy"],
+                    "normalized": record["scores"],
+                    "average": record["selection"],
+                }
+                for same in search.merge_groups(method, points, len(models))
+                for record in [outcome.records[same[0].key]]
+            ]
+            variant.sweep.setdefault(merge_set, {})[method] = rows
+            best = next(row for row in rows if row["parameters"] == outcome.best["parameters"])
+            position = next(i for i, p in enumerate(points) if p.parameters == outcome.best["parameters"])
+            chosen[(merge_set, method)] = {**best, "position": position}
+            if bar is not None:
+                bar.update()
     return chosen
 
 
-def merge_and_test(result: DemoResult, chosen: Mapping[Tuple[str, str], dict], states, scorer, test_dir: Path, settings: DemoSettings) -> None:
-    """Fill each winner into its recipe, merge it with mergekit, score it on the test items."""
-    from tqdm.auto import tqdm
+def reused_choices(variant: Variant, searched: Variant, chosen: Mapping[Tuple[str, str], dict], settings: DemoSettings) -> Dict[Tuple[str, str], dict]:
+    """``variant``'s grid point at the position ``searched``'s search chose: the same λ and
+    FedGMA ρ; for CCLIP the same step of the ρ grid between this variant's own smallest and
+    largest task-vector norm."""
+    norms = variant_norms(variant)
+    reused: Dict[Tuple[str, str], dict] = {}
+    for (merge_set, method), best in chosen.items():
+        points = grid_points(method, MERGE_SETS[merge_set], norms, settings)
+        point = points[best["position"]]
+        reused[(merge_set, method)] = {"parameters": dict(point.parameters), "position": best["position"], "average": None, "searched_on": searched.name}
+    return reused
 
+
+def merge_and_test(variant: Variant, chosen: Mapping[Tuple[str, str], dict], states, scorer, state_scorer, out: Path, test_dir: Path, settings: DemoSettings, *, with_mergekit: bool, bar=None) -> None:
+    """Fill each winner into its recipe; merge it (with mergekit from the recipe file when
+    ``with_mergekit``, else in memory) and score it on the test items."""
     from fedmerge_plugins.demo.evaluate import quiet
 
-    out, manifest = Path(result.out), result.manifest
     models_dir = out / "models"
-    test_references = {task: result.references[name][task] for name, task in TASK_MODELS.items()}
-    with tqdm(total=len(chosen), desc="merge with mergekit, score on test", unit="merge") as bar:
-        for (merge_set, method), best in chosen.items():
-            models = MERGE_SETS[merge_set]
-            tasks = tuple(TASK_MODELS[m] for m in models)
-            bar.set_postfix_str(f"{merge_set} {method}")
-            picked = ", ".join(f"{k} = {v:.6g}" for k, v in best["parameters"].items())
-            header = (
-                f"# Written by `fedmerge demo` from configs/demo/{merge_set}/{method}.yml.\n"
-                f"# {picked}: the best average normalized accuracy on the validation items "
-                f"({best['average']:.3f}) among {len(result.sweep[merge_set][method])} candidates.\n"
-            )
-            recipe = write_recipe(out / "recipes", merge_set, method, recipe_values(models_dir, manifest, best["parameters"]), header=header)
-            merged_dir = out / "merges" / merge_set / method
+    paths = {"base": "base", **{name: entry["path"] for name, entry in variant.models.items()}}
+    for (merge_set, method), best in chosen.items():
+        models = MERGE_SETS[merge_set]
+        tasks = tuple(TASK_MODELS[m] for m in models)
+        picked = ", ".join(f"{k} = {v:.6g}" for k, v in best["parameters"].items())
+        if best["average"] is None:
+            why = f"the grid position (#{best['position'] + 1}) the search on {best['searched_on']}'s validation items chose"
+        else:
+            why = f"the best average normalized accuracy on the validation items ({best['average']:.3f}) among {len(variant.sweep[merge_set][method])} candidates"
+        header = (
+            f"# Written by `fedmerge demo` from configs/demo/{merge_set}/{method}.yml ({variant.setting} setting, seed {variant.seed}).\n"
+            f"# {picked}: {why}.\n"
+        )
+        values = recipe_values(models_dir, paths, variant.models, best["parameters"])
+        recipe = write_recipe(out / "recipes" / variant.name, merge_set, method, values, header=header)
+        expected = merge_in_memory(states, models, method, best["parameters"], variant.models)
+        entry = {"parameters": best["parameters"], "grid_position": best["position"], "validation_average": best["average"], "recipe": str(recipe)}
+        if best["average"] is None:
+            entry["searched_on"] = best["searched_on"]
+        if with_mergekit:
+            merged_dir = out / "merges" / variant.name / merge_set / method
             if (merge_set, method) == settings.subprocess_recipe:
                 mergekit_yaml(recipe, merged_dir)
-                merged_with = "mergekit-yaml (subprocess)"
+                entry["merged_with"] = "mergekit-yaml (subprocess)"
             else:
                 with quiet():
                     run_merge_in_process(recipe, merged_dir)
-                merged_with = "mergekit run_merge (in process)"
-            expected = merge_in_memory(states, models, method, best["parameters"], manifest)
-            scores = scorer.score_directory(merged_dir, test_dir, tasks, out / "evals" / f"{merge_set}-{method}")
-            norm = normalized(scores, test_references)
-            result.merges.setdefault(merge_set, {})[method] = {
-                "parameters": best["parameters"],
-                "validation_average": best["average"],
-                "recipe": str(recipe),
-                "merged_dir": str(merged_dir),
-                "merged_with": merged_with,
-                "max_abs_difference_to_sweep_merge": max_difference(expected, merged_dir),
-                "test": scores,
-                "normalized": norm,
-                "average": search.mean(norm),
-            }
+                entry["merged_with"] = "mergekit run_merge (in process)"
+            entry["max_abs_difference_to_sweep_merge"] = max_difference(expected, merged_dir)
+            scored = scorer.score_directory(merged_dir, test_dir, tasks, out / "evals" / variant.name / f"{merge_set}-{method}")
+        else:
+            entry["merged_with"] = "in memory (mergekit merge_state_dicts)"
+            scored = state_scorer.score(expected, test_dir, tasks)
+        norm = normalized(scored.scores, variant.test_references)
+        entry.update(test=scored.scores, items=scored.items, normalized=norm, average=search.mean(norm))
+        variant.merges.setdefault(merge_set, {})[method] = entry
+        if bar is not None:
             bar.update()
 
 
@@ -295,8 +348,12 @@ def run_demo(
     log: Log = print,
 ) -> DemoResult:
     """Run the whole demo into ``out`` and return its results (also written to ``out``)."""
+    from tqdm.auto import tqdm
+
     from fedmerge_plugins.demo.evaluate import Scorer, StateScorer
     from fedmerge_plugins.demo.report import write_report
+    from fedmerge_plugins.demo.compare import compare
+    from fedmerge_plugins.evaluation.code_runner import remembered_runs
 
     settings = settings or SIZES[size]
     out = out.resolve()
@@ -319,17 +376,32 @@ def run_demo(
     validation_dir = data.write_eval_data(out / "data" / "validation", splits, "validation")
     test_dir = data.write_eval_data(out / "data" / "test", splits, "test")
     scorer = Scorer(batch_size=settings.batch_size, max_gen_toks=settings.max_gen_toks, device=device)
-    references, validation_references = evaluate_references(scorer, models_dir, validation_dir, test_dir, out)
-    result = DemoResult(str(out), size, settings_dict(settings), manifest, references, validation_references)
-    test_references = {task: references[name][task] for name, task in TASK_MODELS.items()}
-    normalized(test_references, test_references)  # a task model scoring 0 stops the demo here
-    lap("evaluate references")
+    with remembered_runs():  # merges write the same programs again and again: run each once
+        base, variants = evaluate_references(scorer, manifest, models_dir, validation_dir, test_dir, settings.build)
+        result = DemoResult(str(out), size, settings_dict(settings), manifest, base, variants)
+        for variant in variants:  # a task model scoring 0 on its own test or validation items stops the demo here
+            normalized(variant.test_references, variant.test_references)
+            normalized(variant.validation_references, variant.validation_references)
+        lap("evaluate references")
 
-    states = load_states(models_dir)
-    chosen = validation_search(result, states, StateScorer(scorer, models_dir / "base"), validation_dir, settings)
-    lap("validation search")
-    merge_and_test(result, chosen, states, scorer, test_dir, settings)
-    lap("merge and test")
+        states = load_states(models_dir, sorted({"base", *(e["path"] for v in variants for e in v.models.values())}))
+        state_scorer = StateScorer(scorer, models_dir / "base")
+        first = variants[0].seed
+        searched = [v for v in variants if settings.search_each_seed or v.seed == first]
+        work = lambda group: sum(len(MERGE_SETS) * len(v.methods) for v in group)  # noqa: E731
+        searches: Dict[str, Tuple[Variant, Dict[Tuple[str, str], dict]]] = {}  # setting -> the searched variant and its choices
+        with tqdm(total=work(searched), desc="validation search (merge in memory, score)", unit="search") as search_bar, tqdm(total=work(variants), desc="merge winners, score on test", unit="merge") as test_bar:
+            for variant in variants:
+                own = variant_states(variant, states)
+                if variant.name in {v.name for v in searched}:
+                    chosen = validation_search(variant, own, state_scorer, validation_dir, settings, search_bar)
+                    searches[variant.setting] = (variant, chosen)
+                else:
+                    chosen = reused_choices(variant, *searches[variant.setting], settings)
+                with_mergekit = variant.seed == first and variant.setting == HETEROGENEOUS
+                merge_and_test(variant, chosen, own, scorer, state_scorer, out, test_dir, settings, with_mergekit=with_mergekit, bar=test_bar)
+        lap("search, merge and test")
+    result.comparisons = compare(result, settings.bootstrap_samples)
     timings["total"] = round(time.perf_counter() - started, 1)
     result.timings = timings
     write_report(result, out, log=log)

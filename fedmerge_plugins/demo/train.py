@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -138,8 +138,12 @@ def train(
     pad_id: int,
     seed: int,
     description: str,
+    snapshot_steps: Sequence[int] = (),
+    snapshot: Optional[Callable[[TrainRecord], None]] = None,
 ) -> TrainRecord:
-    """Train ``model`` in place with AdamW; returns what was done."""
+    """Train ``model`` in place with AdamW; returns what was done. After each step count in
+    ``snapshot_steps``, ``snapshot(record so far)`` sees the model as a run of that many steps
+    leaves it (the batches and a constant rate do not depend on the total)."""
     torch.manual_seed(seed)
     model.train()
     optimizer = torch.optim.AdamW(
@@ -160,15 +164,23 @@ def train(
         smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
         if step % 10 == 0:
             bar.set_postfix(loss=f"{smoothed:.3f}")
+        if snapshot is not None and step + 1 in snapshot_steps and step + 1 < spec.steps:
+            model.eval()
+            snapshot(_record(spec, step + 1, examples, smoothed, started))
+            model.train()
     bar.close()
     model.eval()
+    return _record(spec, spec.steps, examples, smoothed, started)
+
+
+def _record(spec: TrainSpec, steps: int, examples: Sequence[Example], loss: Optional[float], started: float) -> TrainRecord:
     return TrainRecord(
-        steps=spec.steps,
+        steps=steps,
         learning_rate=spec.learning_rate,
         batch_size=spec.batch_size,
         examples=len(examples),
         schedule="warmup+cosine" if spec.warmup_fraction > 0 else "constant",
-        final_loss=float(smoothed if smoothed is not None else float("nan")),
+        final_loss=float(loss if loss is not None else float("nan")),
         seconds=round(time.perf_counter() - started, 2),
     )
 

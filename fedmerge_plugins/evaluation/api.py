@@ -72,6 +72,12 @@ class EvalResult:
         samples = sorted(self.raw["samples"][get_spec(short).lm_eval_name], key=lambda sample: sample["doc_id"])
         return [sample["resps"][0][0] for sample in samples]
 
+    def item_scores(self, short: str) -> List[float]:
+        """The primary metric of each item of a task (1.0 or 0.0 here), in data order."""
+        spec = get_spec(short)
+        samples = sorted(self.raw["samples"][spec.lm_eval_name], key=lambda sample: sample["doc_id"])
+        return [float(sample[spec.metric]) for sample in samples]
+
 
 def tasks_dir() -> Path:
     """The directory of the task YAMLs: $FEDMERGE_EVAL_TASKS, else ``eval/`` of this checkout
