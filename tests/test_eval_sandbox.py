@@ -279,3 +279,25 @@ def test_python_installation_under_root_only_folders_is_bound_back():
         ]  # fmt: skip
     finally:
         shutil.rmtree(base)
+
+
+def test_a_python_installed_under_tmp_runs_programs(tmp_path: Path) -> None:
+    """A checkout cloned into /tmp has its .venv there, which the sandbox's own /tmp would
+    hide (bwrap: "setpriv: failed to execute .../python"): it is bound back, read-only."""
+    venv = Path(tempfile.mkdtemp(dir="/tmp", prefix="fedmerge-venv-"))
+    try:
+        venv.chmod(0o755)  # as a clone's folder is
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        site = next(venv.glob("lib/python*/site-packages"))
+        (site / "fedmerge-test.pth").write_text("\n".join(sys.path[1:]) + "\n")  # this venv's packages
+        programs = [f"import sys; assert sys.prefix == {str(venv)!r}", f"open({str(venv / 'written')!r}, 'w')"]
+        script = "from fedmerge_plugins.evaluation.code_runner import run_program\n" + "".join(
+            f"print(run_program({program!r}).status)\n" for program in programs
+        )
+        env = {k: v for k, v in os.environ.items() if k != sandbox.ALLOW_ENV}
+        done = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == ["passed", "failed"]  # runs there, cannot write there
+        assert not (venv / "written").exists()
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)

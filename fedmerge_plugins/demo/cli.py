@@ -28,6 +28,7 @@ def demo_command(out: Path, size: str, rebuild: bool, device: str, threads: Opti
         os.environ.setdefault(name, "1" if name != "TOKENIZERS_PARALLELISM" else "false")
     import torch
 
+    from fedmerge_plugins.cli import one_line_errors
     from fedmerge_plugins.demo.run import SIZES, run_demo
 
     if threads is not None:
@@ -35,4 +36,5 @@ def demo_command(out: Path, size: str, rebuild: bool, device: str, threads: Opti
             raise click.BadParameter("must be at least 1", param_hint="--threads")
         torch.set_num_threads(threads)
     settings = replace(SIZES[size], search_each_seed=True) if search_each_seed else SIZES[size]
-    run_demo(out, size, rebuild=rebuild, device=device, settings=settings, log=click.echo)
+    with one_line_errors():
+        run_demo(out, size, rebuild=rebuild, device=device, settings=settings, log=click.echo)

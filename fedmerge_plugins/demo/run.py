@@ -354,8 +354,10 @@ def run_demo(
     from fedmerge_plugins.demo.report import write_report
     from fedmerge_plugins.demo.compare import compare
     from fedmerge_plugins.evaluation.code_runner import remembered_runs
+    from fedmerge_plugins.evaluation.sandbox import require_isolation
 
     settings = settings or SIZES[size]
+    require_isolation()  # the code task runs model-written programs: refuse before training, not after
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FEDMERGE_CACHE_DIR", str(out / "cache"))

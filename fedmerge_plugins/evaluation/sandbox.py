@@ -13,7 +13,8 @@ which gives it, from the kernel rather than from patched Python functions:
   does or when the runner kills it; the kernel then kills every process left in the namespace,
   however it detached, and ``wait_gone`` waits for that;
 - a network namespace of its own: no interface but its own loopback, nothing of the host's;
-- a read-only view of the file system with private, unwritable ``/tmp`` and ``/dev``; the one
+- a read-only view of the file system with private, unwritable ``/tmp``, ``/run`` and ``/dev``
+  (a Python installation under ``/tmp`` or ``/run`` is bound back, read-only); the one
   writable place is its scratch folder, mounted at ``/tmp/scratch``;
 - when the evaluator runs as root: a uid of its own (random, above 2**31, unused by anything
   else), so root's files are out of reach and ``RLIMIT_NPROC`` counts this program's processes
@@ -123,6 +124,21 @@ def _reachable(paths: Sequence[str]) -> List[str]:
     return arguments
 
 
+MASKED = ("/tmp", "/run")  # replaced by empty tmpfs folders in the sandbox
+
+
+def _masked_python() -> List[str]:
+    """bwrap arguments that bind the Python installation back, read-only, where it lies under a
+    folder the sandbox masks (a checkout, and its .venv, cloned into /tmp)."""
+    arguments: List[str] = []
+    paths = sorted({Path(os.path.realpath(p)) for p in (sys.base_prefix, sys.prefix, os.path.dirname(sys.executable))})
+    for path in paths:
+        masked = any(Path(folder) in path.parents for folder in MASKED)
+        if masked and not any(other in path.parents for other in paths):
+            arguments += ["--ro-bind", str(path), str(path)]
+    return arguments
+
+
 def sandbox_uid() -> Optional[int]:
     """A fresh uid for one program when running as root (None otherwise: the caller's uid stays)."""
     return _UID_BASE + random.randrange(_UID_SPAN) if os.geteuid() == 0 else None
@@ -150,6 +166,7 @@ def sandbox_command(
         "--perms", "0755", "--tmpfs", "/tmp",
         "--perms", "0755", "--tmpfs", "/run",  # no Unix sockets of the host's services
     ]  # fmt: skip
+    arguments += _masked_python()
     if info_fd is not None:
         arguments += ["--info-fd", str(info_fd)]
     if uid is None:
