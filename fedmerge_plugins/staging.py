@@ -52,13 +52,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(parent: Path, name: str) -> None:
-    """Remove staging folders for ``parent/name`` left by merges whose process is gone."""
-    pattern = re.compile(re.escape(f".{name}{PARTIAL}") + r"(\d+)-")
+def remove_dead(parent: Path, pattern: re.Pattern[str]) -> None:
+    """Remove the folders in ``parent`` whose name ``pattern`` matches with a process id
+    (its first group) that is no longer running."""
     for entry in parent.iterdir():
         found = pattern.match(entry.name)
-        if found and entry.is_dir() and not _alive(int(found.group(1))):
+        if found and entry.is_dir() and not entry.is_symlink() and not _alive(int(found.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def remove_stale(parent: Path, name: str) -> None:
+    """Remove staging folders for ``parent/name`` left by merges whose process is gone."""
+    remove_dead(parent, re.compile(re.escape(f".{name}{PARTIAL}") + r"(\d+)-"))
 
 
 def _replace(source: Path, target: Path) -> None:

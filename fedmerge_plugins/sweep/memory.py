@@ -1,8 +1,9 @@
 """Does a sweep fit in memory? Input checkpoints held once plus one merged copy.
 
 The in-memory sweep keeps every input checkpoint in RAM for the whole sweep; each point's
-merge is streamed to disk, then the evaluator loads it (one merged copy). If that total is
-more than 90% of the available memory the sweep merges each point from disk instead.
+merge is written out (to /dev/shm where ``scratch.choose_scratch`` finds room for it, counted
+there as memory too), then the evaluator loads it (one merged copy). If inputs and that copy
+need more than 90% of the available memory the sweep merges each point from disk instead.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -23,6 +22,7 @@ from fedmerge_plugins.search import Evaluation, Point, ResultLog, SearchOutcome,
 from fedmerge_plugins.sweep.errors import SweepError
 from fedmerge_plugins.sweep.evaluators import Evaluator, selection_score
 from fedmerge_plugins.sweep.grid import check_sweepable, parse_values, point_config
+from fedmerge_plugins.sweep.memory import MemoryPlan
 from fedmerge_plugins.sweep.results import fingerprint, results_table
 from fedmerge_plugins.workers import WorkerSettings
 
@@ -110,15 +110,13 @@ def _cached_norms(base, tasks) -> Optional[List[float]]:
     return [found[key] for key in keys] if all(key in found for key in keys) else None
 
 
-def choose_mode(mode: str, models: List, max_memory: Optional[int], echo: Callable[[str], None]) -> str:
-    """"memory" or "disk", saying why before anything is read; ``models[0]`` is the base."""
-    from fedmerge_plugins.norms import model_index
-    from fedmerge_plugins.sweep.memory import HEADROOM, plan_memory
+def choose_mode(mode: str, plan: MemoryPlan, echo: Callable[[str], None]) -> str:
+    """"memory" or "disk", saying why before anything is read."""
+    from fedmerge_plugins.sweep.memory import HEADROOM
 
     if mode == "disk":
         echo("fedmerge sweep: merging each grid point from disk (--mode disk)")
         return "disk"
-    plan = plan_memory([model_index(m) for m in models], model_index(models[0]), max_memory)
     if plan.fits:
         echo(f"fedmerge sweep: inputs held in memory, read once ({plan.describe()})")
         return "memory"
@@ -135,8 +133,9 @@ def choose_mode(mode: str, models: List, max_memory: Optional[int], echo: Callab
 
 @dataclass
 class SweepPoint:
-    """One grid point's unit of work: merge its recipe with ``run_merge`` into
-    ``out/merges/point-NNNN`` and score it.
+    """One grid point's unit of work: merge its recipe with ``run_merge`` into a folder of
+    its own under ``scratch`` (``scratch.choose_scratch``: /dev/shm or ``out/merges``), score
+    it, and remove it or, with ``keep_merges``, move it to ``out/merges/point-NNNN``.
 
     In memory mode ``inputs`` holds the input checkpoints that mergekit's loader cache
     serves; ``norms`` holds CCLIP's norms by norm-cache key. Both are computed once by the
@@ -152,9 +151,11 @@ class SweepPoint:
     inputs: Dict[Any, Any] = field(default_factory=dict)  # ModelReference -> merger.MemoryLoader
     norms: Dict[str, float] = field(default_factory=dict)
     workdir: str = field(default_factory=os.getcwd)
+    scratch: Optional[Path] = None  # None: out/merges
 
     def __call__(self, point: Point) -> Evaluation:
         from fedmerge_plugins.norm_cache import CACHE
+        from fedmerge_plugins.sweep import scratch
         from fedmerge_plugins.sweep.merger import install, merge_point
 
         if os.getcwd() != self.workdir:
@@ -164,16 +165,14 @@ class SweepPoint:
             CACHE.remember(key, norm)
         name = f"point-{point.index:04d}"
         merges = Path(self.out) / "merges"
-        merges.mkdir(parents=True, exist_ok=True)
-        # a folder of this attempt's own: an attempt still running elsewhere (a worker of a
-        # killed driver, a retried unit) never writes into it
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=merges))
+        root = self.scratch if self.scratch is not None and self.scratch.is_dir() else merges
+        staging = scratch.point_folder(root, name)
         try:
             merged = merge_point(point_config(self.data, point), staging / name, self.options)
             scores = self.evaluator.evaluate(merged)
             if self.keep_merges:
-                shutil.rmtree(merges / name, ignore_errors=True)
-                os.replace(merged, merges / name)
+                merges.mkdir(parents=True, exist_ok=True)
+                scratch.keep(merged, merges / name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return Evaluation(scores)
@@ -199,7 +198,10 @@ def run_sweep(
     the paper's grid of cclip or fedgma). ``workers``: score the points on Ray workers
     (``WorkerSettings(workers=N)`` or ``ray_address=...``); the inputs are read and CCLIP's
     norms computed here, once, and only this process writes the log."""
+    from fedmerge_plugins.norms import model_index
     from fedmerge_plugins.recipe import recipe_models
+    from fedmerge_plugins.sweep import scratch
+    from fedmerge_plugins.sweep.memory import plan_memory
     from fedmerge_plugins.sweep.merger import disk_norms, inputs_in_memory, memory_norms, merge_options
 
     if mode not in MODES:
@@ -212,8 +214,16 @@ def run_sweep(
         point_config(plan.data, point)  # each point checked, shapes included
     base, tasks = recipe_models(plan.config)
     models = [base, *tasks]
-    run_mode = choose_mode(mode, models, max_memory, echo)
+    memory_plan = plan_memory([model_index(m) for m in models], model_index(base), max_memory)
+    run_mode = choose_mode(mode, memory_plan, echo)
     options = merge_options(base, device)
+    scratch_root = None  # a cluster's workers stage on their own machines' OUT/merges
+    if workers.ray_address is None:
+        held = memory_plan.needed if run_mode == "memory" else memory_plan.merged
+        scratch_root = scratch.choose_scratch(Path(out), memory_plan.merged, max(1, workers.workers), held, echo,
+                                              available=memory_plan.available)
+        scratch.remove_abandoned(scratch_root)
+    scratch.remove_abandoned(Path(out) / "merges")
 
     with contextlib.ExitStack() as stack:
         loaders: Dict = {}
@@ -241,7 +251,8 @@ def run_sweep(
         norm_keys = dict(zip(_norm_keys(base, tasks), norms)) if norms is not None else {}
         outcome = run_search(
             points,
-            SweepPoint(plan.data, Path(out).resolve(), options, evaluator, keep_merges, dict(loaders), norm_keys),
+            SweepPoint(plan.data, Path(out).resolve(), options, evaluator, keep_merges, dict(loaders), norm_keys,
+                       scratch=scratch_root.resolve() if scratch_root is not None else None),
             log,
             method=plan.method,
             task_count=len(tasks),
