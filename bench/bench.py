@@ -637,7 +637,7 @@ def markdown(report: dict) -> str:
         " the warm runs never rewrite it, each cold run stores three norms).",
         f"- sweep_lambda20: `fedmerge sweep` of the task_arithmetic recipe, λ = {SWEEP_LAMBDAS} ({SWEEP_POINTS} points),"
         " `--mode memory` (inputs read once), a trivial evaluator (the merged files' size); each point is a full"
-        " `run_merge` written to disk, as for a real evaluator. Its ratio is to one `mergekit-yaml` merge of the recipe.",
+        " `run_merge` written out for the evaluator, as for a real one (to /dev/shm where it has room). Its ratio is to one `mergekit-yaml` merge of the recipe.",
         f"- {report['warmup']} untimed warm-up round(s), then {report['repeat']} timed rounds, interleaved"
         f" (every variant once per round, same order). "
         + ("The page cache is dropped before every run (`--drop-caches`): every input is read from disk."

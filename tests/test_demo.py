@@ -169,11 +169,11 @@ def demo(tmp_path_factory) -> Dict:
 @pytest.mark.slow
 def test_demo_task_models_beat_the_base_on_their_own_task(demo) -> None:
     result = demo["result"]
-    # a clear margin at the small size (100 test items): at least twice the base's accuracy and 5 points above it
+    # a clear margin on the 200 test items: more than 5 points above the base
     for variant in result.variants:
         for model, task in TASK_MODELS.items():
             own, base = variant.test_references[task], result.base[task]
-            assert own >= max(2 * base, base + 0.05), (variant.name, model, variant.test_references, result.base)
+            assert own > base + 0.05, (variant.name, model, variant.test_references, result.base)
 
 
 @pytest.mark.slow

@@ -71,7 +71,8 @@ class BuildConfig:
 
 SIZES: Dict[str, BuildConfig] = {
     "full": BuildConfig(),
-    "small": replace(BuildConfig(), seeds=(0, 1), n_validation=24, n_test=100).scaled(pretrain_steps=700, finetune_fraction=1.0, corpus_documents=7000),
+    # the full build's first two seeds: with 700 pre-training steps the math model fell below the base
+    "small": replace(BuildConfig(), seeds=(0, 1)),
 }
 
 

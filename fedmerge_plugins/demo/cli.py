@@ -9,7 +9,7 @@ from typing import Optional
 
 import click
 
-SIZE_HELP = "full: the demo (3 seeds, 200 test items per task); small: fewer steps, seeds, items and grid points (the end-to-end test; measured times: the README's demo section)"
+SIZE_HELP = "full: the demo (3 seeds, 200 test items per task); small: 2 seeds and fewer grid points (the end-to-end test; measured times: the README's demo section)"
 
 
 @click.command("demo")
