@@ -100,15 +100,18 @@ def _hidden_ancestor(path: Path) -> Optional[Path]:
     return None
 
 
+def _outermost(paths: Sequence[str]) -> List[Path]:
+    """``paths`` resolved, without those inside another of them."""
+    resolved = {Path(os.path.realpath(raw)) for raw in paths}
+    return sorted(path for path in resolved if not any(other in path.parents for other in resolved))
+
+
 def _reachable(paths: Sequence[str]) -> List[str]:
     """bwrap arguments that let another uid reach ``paths`` (the Python installation) under
     folders only root may enter: an empty tmpfs over the folder, the path bound back inside."""
     arguments: List[str] = []
     hidden: dict[Path, List[Path]] = {}
-    resolved = {Path(os.path.realpath(raw)) for raw in paths}
-    for path in resolved:
-        if any(other in path.parents for other in resolved):
-            continue  # bound with the folder around it
+    for path in _outermost(paths):  # the others are bound with the folder around them
         ancestor = _hidden_ancestor(path)
         if ancestor is not None:
             hidden.setdefault(ancestor, []).append(path)
@@ -131,10 +134,8 @@ def _masked_python() -> List[str]:
     """bwrap arguments that bind the Python installation back, read-only, where it lies under a
     folder the sandbox masks (a checkout, and its .venv, cloned into /tmp)."""
     arguments: List[str] = []
-    paths = sorted({Path(os.path.realpath(p)) for p in (sys.base_prefix, sys.prefix, os.path.dirname(sys.executable))})
-    for path in paths:
-        masked = any(Path(folder) in path.parents for folder in MASKED)
-        if masked and not any(other in path.parents for other in paths):
+    for path in _outermost([sys.base_prefix, sys.prefix, os.path.dirname(sys.executable)]):
+        if any(Path(folder) in path.parents for folder in MASKED):
             arguments += ["--ro-bind", str(path), str(path)]
     return arguments
 

@@ -222,8 +222,8 @@ def run_sweep(
         held = memory_plan.needed if run_mode == "memory" else memory_plan.merged
         scratch_root = scratch.choose_scratch(Path(out), memory_plan.merged, max(1, workers.workers), held, echo,
                                               available=memory_plan.available)
-        scratch.remove_abandoned(scratch_root)
-    scratch.remove_abandoned(Path(out) / "merges")
+    for root in {Path(out) / "merges", scratch_root or Path(out) / "merges"}:
+        scratch.remove_abandoned(root)
 
     with contextlib.ExitStack() as stack:
         loaders: Dict = {}

@@ -83,12 +83,17 @@ def point_folder(root: Path, name: str) -> Path:
 
 
 def keep(merged: Path, target: Path) -> None:
-    """Move a scored merge to ``target`` (replacing it), across file systems if need be."""
-    shutil.rmtree(target, ignore_errors=True)
-    try:
-        os.replace(merged, target)
-    except OSError:  # /dev/shm to the output's disk
-        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-{os.getpid()}-", dir=target.parent))
+    """Move a scored merge to ``target`` (replacing it); from another file system (/dev/shm
+    to the output's disk) it is copied next to ``target`` first, so ``target`` is replaced
+    only by a complete copy."""
+    partial = None
+    if os.stat(merged).st_dev != os.stat(target.parent).st_dev:
+        partial = point_folder(target.parent, target.name)
         shutil.copytree(merged, partial / target.name)
-        os.replace(partial / target.name, target)
-        shutil.rmtree(partial, ignore_errors=True)
+        merged = partial / target.name
+    try:
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(merged, target)
+    finally:
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
