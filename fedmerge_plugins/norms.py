@@ -9,20 +9,23 @@ base row to differ from and are not part of its task vector.
 
 ``stream_norms`` computes the norms of all task models of a merge in ONE pass: each base
 tensor is read once and compared with each task model's tensor of that name, read in turn
-(T + 1 checkpoint reads, not 2T; memory holds one base and one task tensor). Each model's
-sum has the same terms in the same order (the base's tensor order) as a pass over that
-model alone, so the norms do not depend on which models are computed together. The same
-pass serves cclip inside mergekit (``reference_norms``), ``fedmerge inspect``
-(``NormSums`` inside its own pass) and the sweep (``loader_norms`` on in-memory copies).
-Norms are remembered by ``fedmerge_plugins.norm_cache``; a cached norm is never streamed.
+(T + 1 checkpoint reads, not 2T), through ``stream_tensors``, which faults each tensor's
+pages in, in order, before it is used; memory holds one base and one task tensor (and a
+float32 copy of each). Each model's sum has the same terms in the same order (the base's
+tensor order) as a pass over that model alone, so the norms do not depend on which models
+are computed together. The same pass serves cclip inside mergekit (``reference_norms``),
+``fedmerge inspect`` (its statistics ride on ``stream_tensors`` and ``NormSums``) and the
+sweep (``loader_norms`` on in-memory copies). Norms are remembered by
+``fedmerge_plugins.norm_cache``; a cached norm is never streamed.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import mmap
 import threading
-from typing import Callable, Dict, Hashable, Iterator, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 from mergekit.common import ModelReference
@@ -34,6 +37,14 @@ from fedmerge_plugins.norm_cache import CACHE, NormCache, cache_keys
 
 LOG = logging.getLogger(__name__)
 _PASS_LOCK = threading.Lock()  # mergekit may run tasks in threads: one norm pass at a time
+
+
+class TensorSource(Protocol):
+    """What the pass reads from: mergekit's ``LazyTensorLoader`` or the sweep's ``MemoryLoader``."""
+
+    index: ShardedTensorIndex
+
+    def get_tensor(self, key: str, device: str = "cpu") -> Optional[torch.Tensor]: ...
 
 
 def shared_rows(name: str, base: torch.Tensor, model: torch.Tensor, model_label: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -57,13 +68,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def squared_distance(name: str, base: torch.Tensor, model: torch.Tensor, model_label: str) -> float:
-    """‖model − base‖² of one tensor, in float32 (float64 for float64), checked finite."""
+    """‖model − base‖² of one tensor, in float32 (float64 for float64), checked finite.
+
+    The model is converted to the compute dtype and the base subtracted in place (one
+    temporary); a finite norm proves every term finite, so the element-wise check runs
+    only when it is not (NaN or inf, or the squares overflowed)."""
     base, model = shared_rows(name, base, model, model_label)
     dtype = compute_dtype(base.dtype)
-    delta = torch.sub(model.to(dtype), base.to(dtype))
-    if not bool(torch.isfinite(delta).all()):
+    delta = model.to(dtype, copy=True).sub_(base.to(dtype))
+    norm = float(torch.linalg.vector_norm(delta))
+    if not math.isfinite(norm) and not bool(torch.isfinite(delta).all()):
         raise NonFiniteError(f"model {model_label} has NaN or inf values in tensor {name}")
-    return float(torch.linalg.vector_norm(delta)) ** 2
+    return norm**2
 
 
 class NormSums:
@@ -93,22 +109,53 @@ def shared_names(base: ShardedTensorIndex, models: Sequence[ShardedTensorIndex])
             yield name, present
 
 
+def fault_in(tensor: torch.Tensor) -> None:
+    """Touch one byte of every memory page of a CPU tensor, in order.
+
+    safetensors maps checkpoints into memory, so ``get_tensor`` returns at once and the
+    file is read at the tensor's first use. Left to the arithmetic, that first use is
+    torch's multi-threaded conversion, whose threads fault in separate parts of the tensor
+    at once, which breaks the kernel's sequential read-ahead: at the 3b preset with the
+    page cache dropped, the norm pass took 44–48 s that way and 30–32 s with each tensor
+    faulted in first (bench/RESULTS.md, notes)."""
+    if tensor.device.type == "cpu" and tensor.numel() and tensor.is_contiguous():
+        data = tensor.reshape(-1).view(torch.uint8)
+        data[:: mmap.PAGESIZE].sum()  # one byte a page: the page faults are the point
+        data[-1].item()  # and the last page
+
+
+TensorStream = Iterator[Tuple[str, torch.Tensor, Iterator[Tuple[int, torch.Tensor]]]]
+
+
+def stream_tensors(
+    base: TensorSource, models: Sequence[TensorSource], *, device: torch.device | str = "cpu", desc: str
+) -> TensorStream:
+    """(name, base tensor, (t, model t's tensor) for each model that has it), for the base's
+    tensor names in its order, with a progress bar. Every tensor is read once, in that
+    order, when it is due, and faulted in (``fault_in``) before it is used."""
+
+    def read(source: TensorSource, name: str) -> torch.Tensor:
+        tensor = source.get_tensor(name, device=str(device))
+        assert tensor is not None  # the name is in the source's index
+        fault_in(tensor)
+        return tensor
+
+    for name, present in tqdm(list(shared_names(base.index, [m.index for m in models])), desc=desc, unit="tensor", leave=False):
+        yield name, read(base, name), ((t, read(models[t], name)) for t in present)
+
+
 def stream_norms(
-    base: LazyTensorLoader, models: Sequence[LazyTensorLoader], labels: Sequence[str], device: torch.device | str = "cpu"
+    base: TensorSource, models: Sequence[TensorSource], labels: Sequence[str], device: torch.device | str = "cpu"
 ) -> List[float]:
     """‖θ_t − θ_0‖ of every task model in one pass: each base tensor read once, then each
-    task model's tensor of that name in turn (two tensors in memory at a time)."""
+    task model's tensor of that name in turn."""
     sums = NormSums(labels)
-    names = list(shared_names(base.index, [m.index for m in models]))
-    for name, present in tqdm(
-        names, desc=f"task-vector norm of {len(models)} model(s)", unit="tensor", leave=False
-    ):
-        base_tensor = base.get_tensor(name, device=str(device))
+    for name, base_tensor, tensors in stream_tensors(base, models, device=device, desc=f"task-vector norm of {len(models)} model(s)"):
         if not base_tensor.is_floating_point():
             continue
         base_tensor = base_tensor.to(compute_dtype(base_tensor.dtype))  # once for all models: exact
-        for t in present:
-            sums.add(t, name, base_tensor, models[t].get_tensor(name, device=str(device)))
+        for t, tensor in tensors:
+            sums.add(t, name, base_tensor, tensor)
     return sums.norms()
 
 
@@ -133,8 +180,8 @@ def resolve_norms(
 
 
 def loader_norms(
-    base: LazyTensorLoader,
-    models: Sequence[LazyTensorLoader],
+    base: TensorSource,
+    models: Sequence[TensorSource],
     *,
     labels: Sequence[str],
     device: torch.device | str = "cpu",

@@ -1,7 +1,8 @@
 """One norm pass for all task models (issue 19): a cold cclip merge of T = 3 reads the base
 once and each task model once for norms, and the norms are bit for bit those of one pass
-per model; a partly cached set streams only the missing models; the sweep's in-memory
-copies give the same numbers through the same pass."""
+per model with the original arithmetic; a partly cached set streams only the missing
+models; the sweep's in-memory copies give the same numbers through the same pass; each
+tensor's pages are faulted in before its arithmetic."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 from mergekit.options import MergeOptions
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedmerge_plugins import norms
@@ -72,9 +74,18 @@ class ReadCounter:
         return {k: sorted(v) for k, v in result.items()}
 
 
+def original_squared_distance(base: torch.Tensor, model: torch.Tensor) -> float:
+    """The per-tensor term as first written (before issue 19): both converted to float32,
+    subtracted into a new tensor, its L2 norm squared; rows trimmed to the base's."""
+    rows = min(base.shape[0], model.shape[0])
+    delta = torch.sub(model[:rows].to(torch.float32), base[:rows].to(torch.float32))
+    assert bool(torch.isfinite(delta).all())
+    return float(torch.linalg.vector_norm(delta)) ** 2
+
+
 def per_model_norms(family: Family) -> List[float]:
     """Norms as computed before the joint pass: base and one model streamed per model,
-    the same terms (``norms.squared_distance``) summed in the base's tensor order."""
+    the original terms summed in the base's tensor order."""
     base_ref, *task_refs = refs(family)
     result = []
     for task in task_refs:
@@ -85,7 +96,7 @@ def per_model_norms(family: Family) -> List[float]:
                 continue
             base_tensor = base.get_tensor(name)
             if base_tensor.is_floating_point():
-                total += norms.squared_distance(name, base_tensor, model.get_tensor(name), str(task))
+                total += original_squared_distance(base_tensor, model.get_tensor(name))
         result.append(math.sqrt(total))
     return result
 
@@ -156,3 +167,45 @@ def test_a_model_sharing_no_float_tensor_is_named(family: Family, tmp_path: Path
     odd = LazyTensorLoader(ShardedTensorIndex.from_disk(str(tmp_path / "odd")))
     with pytest.raises(ValueError, match="model odd shares no floating-point tensor name with the base model"):
         norms.stream_norms(base, [good, odd], ["good", "odd"])
+
+
+def test_squared_distance_is_the_original_term_bit_for_bit() -> None:
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(257, 33, generator=generator).to(torch.bfloat16)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        extra_row = torch.randn(1, 33, generator=generator, dtype=torch.float64)  # a vocabulary row the base lacks
+        model = torch.cat([base.double() + 0.01 * torch.randn(257, 33, generator=generator, dtype=torch.float64), extra_row])
+        model = model.to(dtype)
+        assert norms.squared_distance("w", base, model, "m") == original_squared_distance(base, model), dtype
+    base64 = base.double()
+    model64 = base64 + 1e-3
+    expected = float(torch.linalg.vector_norm(model64 - base64)) ** 2  # float64 stays float64
+    assert norms.squared_distance("w", base64, model64, "m") == expected
+    assert expected == pytest.approx(base.numel() * 1e-6, rel=1e-6)
+
+
+def test_squares_that_overflow_float32_are_inf_not_an_error() -> None:
+    """Finite values whose squares overflow float32: the element-wise check clears them."""
+    assert norms.squared_distance("w", torch.zeros(2), torch.tensor([3e38, 1.0]), "m") == math.inf
+    with pytest.raises(ValueError, match="model m has NaN or inf values in tensor w"):
+        norms.squared_distance("w", torch.zeros(2), torch.tensor([float("nan"), 1.0]), "m")
+
+
+def file_backed_kib() -> int:
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
+    return int(fields["Rss"].split()[0]) - int(fields["Anonymous"].split()[0])
+
+
+def test_fault_in_reads_every_page_of_a_mapped_tensor_and_changes_nothing(tmp_path: Path) -> None:
+    """safetensors maps the file: get_tensor reads nothing; fault_in maps every page."""
+    values = torch.arange(24 << 20, dtype=torch.int32).to(torch.bfloat16).reshape(-1, 1024)  # 48 MiB
+    save_file({"w": values}, str(tmp_path / "model.safetensors"))
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        before = file_backed_kib()
+        tensor = handle.get_tensor("w")
+        assert file_backed_kib() - before < 8 << 10  # mapped, not read
+        norms.fault_in(tensor)
+        assert file_backed_kib() - before >= (48 << 10) - 64  # every page, the last one included
+        assert torch.equal(tensor, values)
+    for odd in (torch.zeros(0), torch.ones(3, dtype=torch.bool), torch.ones(4, 6)[:, ::2]):
+        norms.fault_in(odd)  # empty, one byte, not contiguous: nothing to do or no error

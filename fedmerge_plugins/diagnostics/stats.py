@@ -27,10 +27,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
-from tqdm.auto import tqdm
 
 from fedmerge_plugins.norm_cache import CACHE, NormCache
-from fedmerge_plugins.norms import NormSums, model_index, resolve_norms, shared_names, shared_rows
+from fedmerge_plugins.norms import NormSums, model_index, resolve_norms, shared_rows, stream_tensors
 
 CHUNK = 1 << 22  # coordinates per float64 block of the Gram accumulation
 
@@ -116,16 +115,17 @@ def collect_stats(
     loaders = [LazyTensorLoader(index) for index in indices]
     sums = NormSums(labels)
     accumulator = _Accumulator(len(models))
-    for name, present in tqdm(list(shared_names(base_index, indices)), desc="streaming task vectors", unit="tensor", leave=False):
-        base_tensor = base_loader.get_tensor(name, device=device)
+    for name, base_tensor, reads in stream_tensors(base_loader, loaders, device=device, desc="streaming task vectors"):
         if not base_tensor.is_floating_point():
             continue
-        tensors = {t: loaders[t].get_tensor(name, device=device) for t in present}
+        tensors = dict(reads)
         for t, tensor in tensors.items():  # exactly stream_norms's terms, in its order
             sums.add(t, name, base_tensor, tensor)
-        if len(present) == len(models):
+        if len(tensors) == len(models):
             accumulator.add(name, base_tensor, [tensors[t] for t in range(len(models))], labels)
         del tensors, base_tensor
+    for loader in (base_loader, *loaders):
+        loader.flush()
     computed = sums.norms()
     norms, cached = resolve_norms(base_index, indices, lambda missing: [computed[t] for t in missing], cache)
     return TaskVectorStats(
