@@ -38,14 +38,15 @@ class FedGMAMerge(GroupMergeMethod):
 
         def merge_block(base: torch.Tensor, models: List[torch.Tensor], buffers: List[torch.Tensor]) -> torch.Tensor:
             total, delta, votes = buffers  # votes: Σ_t sign(τ_t), whole numbers, exact in float
+            # the mask without a comparison (a boolean tensor and masked_fill cost more than the rest of the rule)
             task_vector(models[0], base, total)
             torch.sign(total, out=votes)
             for model in models[1:]:
                 total.add_(task_vector(model, base, delta))
                 votes.add_(delta.sign_())
-            votes.abs_()
-            full = votes >= threshold
-            mask = votes.div_(count).masked_fill_(full, 1.0)
+            agreement = torch.div(votes.abs_(), count, out=delta)  # A = |Σ_t sign(τ_t)| / T
+            full = votes.sub_(threshold - 1).clamp_(0, 1)  # 1 where |Σ_t sign(τ_t)| ≥ threshold, else 0
+            mask = torch.maximum(agreement, full, out=votes)  # M = 1 there, A elsewhere (A ≥ 0)
             total.mul_(mask)
             if lam != 1.0:
                 total.mul_(lam)
