@@ -145,7 +145,9 @@ def test_bench_smoke_at_tiny_size(tmp_path: Path) -> None:
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    report = json.loads((tmp_path / "results" / "results.json").read_text())
+    runs = json.loads((tmp_path / "results" / "results.json").read_text())["runs"]
+    assert list(runs) == ["tiny"]
+    report = runs["tiny"]
     assert list(report["rows"]) == variants.split(",")
     startup, ta = report["rows"]["startup"]["wall_s"], report["rows"]["task_arithmetic"]["wall_s"]
     for name in ("median", "cclip_cold", "cclip_warm", "sweep_lambda20"):
@@ -164,4 +166,44 @@ def test_bench_smoke_at_tiny_size(tmp_path: Path) -> None:
     assert set(report["startup"]["plugin"]["with"]) >= {"register", "install_planner_check", "install_run_merge_check"}
     text = (tmp_path / "results" / "RESULTS.md").read_text()
     assert "| cclip_warm | 3 |" in text and "| sweep_lambda20 | 3 |" in text and "autoload at start-up" in text
+    ratio = report["rows"]["cclip_cold"]["wall_s_vs_task_arithmetic"]
+    assert f"| tiny | {report['rows']['startup']['wall_s']:.2f} |" in text and f"{ratio:.2f}×" in text  # the summary line
     assert "bench/bench.py --size tiny" in report["command"]
+
+
+def test_results_keep_one_run_per_preset_and_cache_setting(tmp_path: Path) -> None:
+    """A run replaces the run of its label only; a results.json of one run (the format before
+    runs were kept side by side) becomes that run; the notes below the marker survive."""
+    inputs = bench.Inputs("tiny", Path("."), Path("b"), [Path(f"t{i}") for i in range(4)], 10**6)
+    chosen = [v for v in bench.variants(inputs) if v.name in {"startup", "task_arithmetic", "cclip_cold"}]
+
+    def report(size: str, drop: bool, wall: float) -> dict:
+        samples = {
+            "startup": [bench.Sample(2.0, 1.0, 100, 0.5)],
+            "task_arithmetic": [bench.Sample(4.0, 1.0, 100, 0.5)],
+            "cclip_cold": [bench.Sample(wall, 1.0, 100, 0.5)],
+        }
+        return {
+            "command": f"bench.py --size {size}", "date": "today", "machine": {
+                "cpu": "cpu", "cores": 2, "torch_threads": 2, "ram_gib": 1, "os": "os", "python": "3", "torch": "t",
+                "mergekit": "m", "safetensors": "s", "fedmerge": "f"},
+            "inputs": {"size": size, "config": {}, "parameters": 10, "clip_rho": 1.0}, "repeat": 1, "warmup": 0,
+            "drop_caches": drop, "load": {"median": 0.5, "min": 0.5, "max": 0.5},
+            "rows": bench.summarize(chosen, samples), "startup": {},
+        }  # fmt: skip
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(report("1b", False, 6.0)))  # the old, single-run format
+    (out / "RESULTS.md").write_text("old\n" + bench.MARKER + "\n## Notes\nkept\n")
+    bench.write_report(out, report("270m", False, 5.0))
+    bench.write_report(out, report("1b", True, 8.0))
+    bench.write_report(out, report("270m", False, 7.0))  # replaces the first 270m run
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert list(runs) == ["270m", "1b", "1b, page cache dropped before every run"]
+    assert [r["rows"]["cclip_cold"]["wall_s"] for r in runs.values()] == [7.0, 6.0, 8.0]
+    text = (out / "RESULTS.md").read_text()
+    assert text.count("## 270m\n") == 1 and "## 1b\n" in text and "## 1b, page cache dropped before every run\n" in text
+    assert "| 270m | 2.00 | 4.00 | – | – | – | – | 1.75× (2.50×) | – | – |" in text
+    assert "| 1b, page cache dropped before every run | 2.00 | 4.00 | – | – | – | – | 2.00× (3.00×) | – | – |" in text
+    assert text.endswith(bench.MARKER + "\n## Notes\nkept\n") and not text.startswith("old")
