@@ -281,12 +281,16 @@ def test_python_installation_under_root_only_folders_is_bound_back():
         shutil.rmtree(base)
 
 
-def test_a_python_installed_under_tmp_runs_programs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inside", ["", "clone/.venv"], ids=["/tmp/venv", "/tmp/checkout/clone/.venv"])
+def test_a_python_installed_under_tmp_runs_programs(inside: str) -> None:
     """A checkout cloned into /tmp has its .venv there, which the sandbox's own /tmp would
-    hide (bwrap: "setpriv: failed to execute .../python"): it is bound back, read-only."""
-    venv = Path(tempfile.mkdtemp(dir="/tmp", prefix="fedmerge-venv-"))
+    hide (bwrap: "setpriv: failed to execute .../python"): it is bound back, read-only, and
+    reachable by the sandbox's uid through the folders above it (bwrap makes them 0700)."""
+    top = Path(tempfile.mkdtemp(dir="/tmp", prefix="fedmerge-venv-"))
+    venv = top / inside
     try:
-        venv.chmod(0o755)  # as a clone's folder is
+        top.chmod(0o755)  # as a clone's folder is
+        venv.mkdir(parents=True, exist_ok=True)  # 0755 under the usual umask
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
         site = next(venv.glob("lib/python*/site-packages"))
         (site / "fedmerge-test.pth").write_text("\n".join(sys.path[1:]) + "\n")  # this venv's packages
@@ -300,4 +304,4 @@ def test_a_python_installed_under_tmp_runs_programs(tmp_path: Path) -> None:
         assert done.stdout.split() == ["passed", "failed"]  # runs there, cannot write there
         assert not (venv / "written").exists()
     finally:
-        shutil.rmtree(venv, ignore_errors=True)
+        shutil.rmtree(top, ignore_errors=True)

@@ -116,14 +116,22 @@ def _reachable(paths: Sequence[str]) -> List[str]:
         if ancestor is not None:
             hidden.setdefault(ancestor, []).append(path)
     for ancestor, inside in hidden.items():
-        arguments += ["--perms", "0755", "--tmpfs", str(ancestor)]
-        made = {ancestor}
-        for path in sorted(inside):
-            for folder in [*reversed(path.parents), path][:-1]:
-                if folder not in made and ancestor in folder.parents:
-                    arguments += ["--perms", "0755", "--dir", str(folder)]
-                    made.add(folder)
-            arguments += ["--ro-bind", str(path), str(path)]
+        arguments += ["--perms", "0755", "--tmpfs", str(ancestor)] + _bind_back(ancestor, inside)
+    return arguments
+
+
+def _bind_back(under: Path, paths: Sequence[Path]) -> List[str]:
+    """bwrap arguments that bind ``paths`` back, read-only, inside ``under`` (an empty tmpfs in
+    the sandbox), the folders between them made 0755: bwrap would make them 0700, root's, and
+    the sandbox's uid could not reach the paths through them."""
+    arguments: List[str] = []
+    made = {under}
+    for path in sorted(paths):
+        for folder in [*reversed(path.parents), path][:-1]:
+            if folder not in made and under in folder.parents:
+                arguments += ["--perms", "0755", "--dir", str(folder)]
+                made.add(folder)
+        arguments += ["--ro-bind", str(path), str(path)]
     return arguments
 
 
@@ -133,10 +141,10 @@ MASKED = ("/tmp", "/run")  # replaced by empty tmpfs folders in the sandbox
 def _masked_python() -> List[str]:
     """bwrap arguments that bind the Python installation back, read-only, where it lies under a
     folder the sandbox masks (a checkout, and its .venv, cloned into /tmp)."""
+    paths = _outermost([sys.base_prefix, sys.prefix, os.path.dirname(sys.executable)])
     arguments: List[str] = []
-    for path in _outermost([sys.base_prefix, sys.prefix, os.path.dirname(sys.executable)]):
-        if any(Path(folder) in path.parents for folder in MASKED):
-            arguments += ["--ro-bind", str(path), str(path)]
+    for folder in map(Path, MASKED):
+        arguments += _bind_back(folder, [path for path in paths if folder in path.parents])
     return arguments
 
 
