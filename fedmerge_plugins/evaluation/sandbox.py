@@ -127,7 +127,7 @@ def _bind_back(under: Path, paths: Sequence[Path]) -> List[str]:
     arguments: List[str] = []
     made = {under}
     for path in sorted(paths):
-        for folder in [*reversed(path.parents), path][:-1]:
+        for folder in reversed(path.parents):
             if folder not in made and under in folder.parents:
                 arguments += ["--perms", "0755", "--dir", str(folder)]
                 made.add(folder)
