@@ -21,6 +21,7 @@ sweep (``loader_norms`` on in-memory copies). Norms are remembered by
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import mmap
@@ -213,9 +214,16 @@ def checkpoint_norms(
     cache: NormCache = CACHE,
 ) -> List[float]:
     """``loader_norms`` over the checkpoints on disk (their files are closed afterwards)."""
-    loaders = [LazyTensorLoader(index) for index in (base, *models)]
-    try:
+    with checkpoint_loaders([base, *models]) as loaders:
         return loader_norms(loaders[0], loaders[1:], labels=labels, device=device, cache=cache)
+
+
+@contextlib.contextmanager
+def checkpoint_loaders(indices: Sequence[ShardedTensorIndex]) -> Iterator[List[LazyTensorLoader]]:
+    """A loader per checkpoint, their open files closed when the block ends."""
+    loaders = [LazyTensorLoader(index) for index in indices]
+    try:
+        yield loaders
     finally:
         for loader in loaders:
             loader.flush()

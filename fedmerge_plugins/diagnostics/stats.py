@@ -26,10 +26,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from mergekit.common import ModelReference
-from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
+from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 
 from fedmerge_plugins.norm_cache import CACHE, NormCache
-from fedmerge_plugins.norms import NormSums, model_index, resolve_norms, shared_rows, stream_tensors
+from fedmerge_plugins.norms import NormSums, checkpoint_loaders, model_index, resolve_norms, shared_rows, stream_tensors
 
 CHUNK = 1 << 22  # coordinates per float64 block of the Gram accumulation
 
@@ -111,21 +111,18 @@ def collect_stats(
     labels = list(labels or [str(m) for m in models])
     base_index = model_index(base)
     indices: List[ShardedTensorIndex] = [model_index(m) for m in models]
-    base_loader = LazyTensorLoader(base_index)
-    loaders = [LazyTensorLoader(index) for index in indices]
     sums = NormSums(labels)
     accumulator = _Accumulator(len(models))
-    for name, base_tensor, reads in stream_tensors(base_loader, loaders, device=device, desc="streaming task vectors"):
-        if not base_tensor.is_floating_point():
-            continue
-        tensors = dict(reads)
-        for t, tensor in tensors.items():  # exactly stream_norms's terms, in its order
-            sums.add(t, name, base_tensor, tensor)
-        if len(tensors) == len(models):
-            accumulator.add(name, base_tensor, [tensors[t] for t in range(len(models))], labels)
-        del tensors, base_tensor
-    for loader in (base_loader, *loaders):
-        loader.flush()
+    with checkpoint_loaders([base_index, *indices]) as loaders:
+        for name, base_tensor, reads in stream_tensors(loaders[0], loaders[1:], device=device, desc="streaming task vectors"):
+            if not base_tensor.is_floating_point():
+                continue
+            tensors = dict(reads)
+            for t, tensor in tensors.items():  # exactly stream_norms's terms, in its order
+                sums.add(t, name, base_tensor, tensor)
+            if len(tensors) == len(models):
+                accumulator.add(name, base_tensor, [tensors[t] for t in range(len(models))], labels)
+            del tensors, base_tensor
     computed = sums.norms()
     norms, cached = resolve_norms(base_index, indices, lambda missing: [computed[t] for t in missing], cache)
     return TaskVectorStats(
