@@ -43,6 +43,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support: the synthetic checkpoints
+
 import yaml
 from tqdm.auto import tqdm
 
@@ -84,7 +86,7 @@ class Inputs:
 
 
 def parameter_count(size: str) -> int:
-    from fedmerge_plugins.synthetic import llama_config, parameter_shapes
+    from tests.support.synthetic import llama_config, parameter_shapes
 
     return sum(math.prod(shape) for shape in parameter_shapes(llama_config(**SIZES[size])).values())
 
@@ -107,7 +109,7 @@ def ensure_checkpoints(cache_dir: Path, size: str) -> Inputs:
 
     import torch
 
-    from fedmerge_plugins.synthetic import base_tensors, llama_config, task_tensors, write_checkpoint
+    from tests.support.synthetic import base_tensors, llama_config, task_tensors, write_checkpoint
 
     config = llama_config(**SIZES[size])
     with tqdm(total=len(SCALES) + 1, desc=f"writing {size} checkpoints", unit="model") as progress:

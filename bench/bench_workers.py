@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support: the synthetic checkpoints
+
 EVALUATOR = '''
 import torch
 from transformers import AutoModelForCausalLM
@@ -43,7 +45,7 @@ def score(model_dir):
 def build(root: Path, hidden: int) -> Path:
     import yaml
 
-    from fedmerge_plugins.synthetic import llama_config, make_family
+    from tests.support.synthetic import llama_config, make_family
 
     config = llama_config(vocab_size=2048, hidden_size=hidden, num_hidden_layers=4, num_attention_heads=4,
                           intermediate_size=hidden * 11 // 4)

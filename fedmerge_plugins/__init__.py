@@ -44,7 +44,7 @@ def register() -> None:
 
 def install_planner_check() -> None:
     """Check fedmerge recipes, shapes included, when mergekit plans a merge."""
-    from fedmerge_plugins.mergekit_hooks import install_planner_check
+    from fedmerge_plugins.guards.hooks import install_planner_check
 
     register()
     install_planner_check()
@@ -52,7 +52,7 @@ def install_planner_check() -> None:
 
 def install_run_merge_check() -> None:
     """Check fedmerge recipes' parameters when ``run_merge`` starts, before any download."""
-    from fedmerge_plugins.mergekit_hooks import install_run_merge_check
+    from fedmerge_plugins.guards.hooks import install_run_merge_check
 
     register()
     install_run_merge_check()

@@ -52,7 +52,7 @@ def worker_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def worker_settings(workers: int, ray_address: Optional[str], gpus_per_worker: Optional[float]):
     """A ``workers.WorkerSettings`` from the options of ``worker_options``."""
-    from fedmerge_plugins.workers import WorkerSettings
+    from fedmerge_plugins.search.workers import WorkerSettings
 
     return WorkerSettings(workers=workers, ray_address=ray_address, gpus_per_worker=gpus_per_worker)
 

@@ -19,7 +19,7 @@ def private_norm_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
     """Each test sees an empty on-disk and in-process norm cache of its own."""
     directory = tmp_path_factory.mktemp("norm-cache")
     monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(directory))
-    from fedmerge_plugins.norm_cache import CACHE
+    from fedmerge_plugins.norms.cache import CACHE
 
     CACHE.clear_memory()
     return directory

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedmerge_plugins.synthetic import make_family
+from tests.support.synthetic import make_family
 
 REPO = Path(__file__).resolve().parents[1]
 

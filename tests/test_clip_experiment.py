@@ -1,4 +1,4 @@
-"""The CLIP adapter on a tiny CLIP world (``fedmerge_plugins.clip.synthetic.build_world``):
+"""The CLIP adapter on a tiny CLIP world (``tests.support.clip_synthetic.build_world``):
 three tasks in the three data layouts, towers fine-tuned on them. Heads, labels, splits,
 accuracy and the experiment runner are checked against computations made here directly
 with the model and the processor."""
@@ -24,7 +24,7 @@ from fedmerge_plugins.clip import data as clip_data
 from fedmerge_plugins.clip.cli import clip_group
 from fedmerge_plugins.clip.evaluate import Session
 from fedmerge_plugins.clip.models import load_clip, load_image_processor, load_tokenizer
-from fedmerge_plugins.clip.synthetic import World, build_world, class_images
+from tests.support.clip_synthetic import World, build_world, class_images
 from fedmerge_plugins.clip.tasks import shipped
 from tests.conftest import BIN
 

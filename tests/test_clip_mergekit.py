@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from fedmerge_plugins.clip.cli import clip_group
 from fedmerge_plugins.clip.models import base_tower_state_dict, quiet_transformers, tower_state_dict
-from fedmerge_plugins.clip.synthetic import write_hub_style_tower, write_tiny_clip
+from tests.support.clip_synthetic import write_hub_style_tower, write_tiny_clip
 from fedmerge_plugins.clip.tasks import PAPER_TASKS
 
 pytestmark = pytest.mark.slow

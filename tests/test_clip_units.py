@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmerge_plugins import grids
+from fedmerge_plugins.search import grids
 from fedmerge_plugins.clip.experiment import ExperimentSpec, Training, merge_parameters, read_training, subsets
-from fedmerge_plugins.search import ResultLog, best_index, merge_in_memory
+from fedmerge_plugins.search.engine import ResultLog, best_index, merge_in_memory
 from fedmerge_plugins.clip.tasks import PAPER_TASKS, shipped, task_text
 
 PAPER_NORMS = [2.77, 2.71, 1.92, 2.04, 23.90, 3.03, 2.80, 3.07]  # appendix B.1.5, heterogeneous

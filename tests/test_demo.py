@@ -18,12 +18,12 @@ from mergekit.merge_methods import registry
 
 import numpy as np
 
-from fedmerge_plugins import search
+from fedmerge_plugins.search import engine as search
 from fedmerge_plugins.demo import data, stats
 from fedmerge_plugins.demo.build import TASK_MODELS, build_models, cache_key, cached_manifest, candidate_name
 from fedmerge_plugins.demo.recipes import MERGE_SETS, METHODS, fill_template, template_fields, template_path
 from fedmerge_plugins.demo.run import SIZES, grid_points, normalized, run_demo
-from fedmerge_plugins.recipe import check_recipe
+from fedmerge_plugins.guards.recipe import check_recipe
 
 MANIFEST = {
     "models": {

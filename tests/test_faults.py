@@ -22,8 +22,8 @@ from mergekit.config import MergeConfiguration
 from safetensors.torch import load_file, save_file
 
 from fedmerge_plugins.errors import RecipeError
-from fedmerge_plugins.recipe import check_recipe
-from fedmerge_plugins.synthetic import (
+from fedmerge_plugins.guards.recipe import check_recipe
+from tests.support.synthetic import (
     Family,
     base_tensors,
     llama_config,
@@ -149,7 +149,7 @@ def test_vocabulary_axis_needs_a_tokenizer_setting(family: Family, odd: Dict[str
 
 def test_bin_shapes_are_read_without_loading_weights(odd: Dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """The pickle is opened on the meta device, memory-mapped: no storage is materialised."""
-    from fedmerge_plugins import shapes
+    from fedmerge_plugins.guards import shapes
 
     calls = []
     real_load = torch.load
@@ -423,7 +423,7 @@ def test_sigkill_never_leaves_a_loadable_folder(family: Family, tmp_path: Path, 
 def test_merge_into_an_existing_folder_replaces_it_config_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A second merge into the same folder: the old config and the old merge's other weight
     files (shards, index) are gone before new files arrive; other files stay."""
-    from fedmerge_plugins import staging
+    from fedmerge_plugins.guards import staging
 
     final = tmp_path / "out"
     final.mkdir()

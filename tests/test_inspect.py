@@ -15,12 +15,12 @@ import yaml
 from click.testing import CliRunner
 from mergekit.common import ModelReference
 
-from fedmerge_plugins import norms
-from fedmerge_plugins.norm_cache import CACHE, NormCache
+from fedmerge_plugins.norms import streaming as norms
+from fedmerge_plugins.norms.cache import CACHE, NormCache
 from fedmerge_plugins.diagnostics.cli import inspect_command
 from fedmerge_plugins.diagnostics.stats import agreement_effects, chi_square, collect_stats, fednova_weights, flag_outliers
-from fedmerge_plugins.grids import clip_rho_grid, fedgma_rho_grid
-from fedmerge_plugins.synthetic import Family, llama_config, make_family, write_checkpoint
+from fedmerge_plugins.search.grids import clip_rho_grid, fedgma_rho_grid
+from tests.support.synthetic import Family, llama_config, make_family, write_checkpoint
 
 NAMES = ["instruct", "math", "code"]
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fedmerge_plugins.synthetic import Family, make_family
+from tests.support.synthetic import Family, make_family
 from tests.conftest import BIN
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from fedmerge_plugins.methods.common import BLOCK
 from fedmerge_plugins.methods.fedgma import full_agreement_count
 from fedmerge_plugins.methods.fednova import fednova_coefficients
 from fedmerge_plugins.methods.median import median_of
-from fedmerge_plugins.norms import state_dict_norms
+from fedmerge_plugins.norms.streaming import state_dict_norms
 
 SHAPE = (7, 5)
 

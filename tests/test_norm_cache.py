@@ -25,9 +25,10 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from safetensors.torch import save_file
 
-from fedmerge_plugins import norm_cache, norms
-from fedmerge_plugins.norm_cache import CACHE, NormCache
-from fedmerge_plugins.synthetic import Family, make_family, task_tensors
+from fedmerge_plugins.norms import cache as norm_cache
+from fedmerge_plugins.norms import streaming as norms
+from fedmerge_plugins.norms.cache import CACHE, NormCache
+from tests.support.synthetic import Family, make_family, task_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -263,7 +264,7 @@ def test_a_lock_that_is_not_released_skips_writing(tmp_path: Path, caplog: pytes
 WRITER = """
 import sys
 from pathlib import Path
-from fedmerge_plugins.norm_cache import NormCache
+from fedmerge_plugins.norms.cache import NormCache
 cache = NormCache(Path(sys.argv[1]))
 for j in range(int(sys.argv[3])):
     cache.put(f"{sys.argv[2]}-{j}", float(j), writer=sys.argv[2])

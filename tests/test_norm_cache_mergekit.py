@@ -19,8 +19,8 @@ import yaml
 from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 from safetensors.torch import load_file
 
-from fedmerge_plugins.norm_cache import cache_key
-from fedmerge_plugins.synthetic import Family, make_family
+from fedmerge_plugins.norms.cache import cache_key
+from tests.support.synthetic import Family, make_family
 from tests.conftest import BIN
 
 pytestmark = pytest.mark.slow

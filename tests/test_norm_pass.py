@@ -20,9 +20,9 @@ from mergekit.options import MergeOptions
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fedmerge_plugins import norms
-from fedmerge_plugins.norm_cache import CACHE, NormCache, cache_key
-from fedmerge_plugins.synthetic import Family, make_family
+from fedmerge_plugins.norms import streaming as norms
+from fedmerge_plugins.norms.cache import CACHE, NormCache, cache_key
+from tests.support.synthetic import Family, make_family
 from tests.test_norm_cache import cclip_merge
 
 

@@ -8,8 +8,8 @@ from typing import Dict
 import pytest
 from mergekit.config import MergeConfiguration
 
-from fedmerge_plugins.recipe import RecipeError, check_recipe
-from fedmerge_plugins.synthetic import Family, make_family
+from fedmerge_plugins.guards.recipe import RecipeError, check_recipe
+from tests.support.synthetic import Family, make_family
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from mergekit.config import ConfigReader, InputSliceDefinition, MergeConfigurati
 from mergekit.merge_methods import registry
 from mergekit.parameter_resolver import resolve_parameters
 
-import fedmerge_plugins.recipe as recipe_checks
+import fedmerge_plugins.guards.recipe as recipe_checks
 from fedmerge_plugins import METHOD_NAMES
-from fedmerge_plugins.recipe import RecipeError
+from fedmerge_plugins.guards.recipe import RecipeError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LLAMA = CONFIGS / "llama2-13b"

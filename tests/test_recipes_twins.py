@@ -27,7 +27,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from safetensors.torch import load_file
 
-from fedmerge_plugins.synthetic import Tensors, llama_config, make_family, parameter_shapes, write_checkpoint
+from tests.support.synthetic import Tensors, llama_config, make_family, parameter_shapes, write_checkpoint
 from tests.conftest import BIN
 from tests.test_recipes import BASE, CONFIGS, TASKS, llama_recipes, load_recipe
 

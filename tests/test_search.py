@@ -1,4 +1,4 @@
-"""The search engine (``fedmerge_plugins.search``) and its three entry points.
+"""The search engine (``fedmerge_plugins.search.engine``) and its three entry points.
 
 ``fedmerge sweep``, the CLIP experiment and the demo's validation search run the same grid
 on the same tiny models with the same scoring function of the merged weights; they must
@@ -19,8 +19,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from fedmerge_plugins import search
-from fedmerge_plugins.synthetic import make_family
+from fedmerge_plugins.search import engine as search
+from tests.support.synthetic import make_family
 
 MODELS = {"instruction": "instruct", "math": "gsm8k", "code": "humaneval"}  # the demo's models and tasks
 TASKS = tuple(MODELS.values())
@@ -159,7 +159,7 @@ class FakeStateScorer:
 
 def demo_run(world: Dict, out: Path) -> Dict:
     from fedmerge_plugins.demo.run import HETEROGENEOUS, SIZES, Variant, validation_search
-    from fedmerge_plugins.norms import state_dict_norms
+    from fedmerge_plugins.norms.streaming import state_dict_norms
 
     states = world["states"]
     norms = state_dict_norms(states["base"], {m: states[m] for m in MODELS})
@@ -285,7 +285,7 @@ def test_sweep_refuses_a_foreign_out_before_opening_any_checkpoint(world: Dict, 
 def test_registration_in_any_import_order() -> None:
     """Importing a fedmerge module that imports mergekit first (params, a method module,
     the methods package) still leaves all four methods registered for a merge."""
-    for first in ("fedmerge_plugins.params", "fedmerge_plugins.methods.cclip", "fedmerge_plugins.methods"):
+    for first in ("fedmerge_plugins.methods.params", "fedmerge_plugins.methods.cclip", "fedmerge_plugins.methods"):
         code = (f"import {first}; import mergekit.merge; from mergekit.merge_methods import registry; "
                 "print(' '.join(registry.get(n).spec.name for n in ('fednova', 'fedgma', 'median', 'cclip')))")
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

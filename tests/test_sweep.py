@@ -21,7 +21,7 @@ from fedmerge_plugins.errors import FedmergeError
 from fedmerge_plugins.sweep.evaluators import LmEvalEvaluator, PythonEvaluator, selection_score
 from fedmerge_plugins.sweep.grid import expand, parse_values
 from fedmerge_plugins.sweep.run import run_sweep
-from fedmerge_plugins.synthetic import Family, make_family
+from tests.support.synthetic import Family, make_family
 from tests.conftest import BIN
 
 NAMES = ["instruct", "math", "code"]

@@ -17,7 +17,7 @@ from fedmerge_plugins.sweep import scratch
 from fedmerge_plugins.sweep.errors import SweepError
 from fedmerge_plugins.sweep.evaluators import PythonEvaluator
 from fedmerge_plugins.sweep.run import run_sweep
-from fedmerge_plugins.synthetic import Family
+from tests.support.synthetic import Family
 from tests.conftest import BIN
 from tests.test_sweep import LAMBDAS, evaluator_spec, tiny_family, write_recipe
 

@@ -17,8 +17,8 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
-from fedmerge_plugins import training_record as tr
-from fedmerge_plugins.training_record import TrainingRecordError, effective_steps, log_estimate
+from fedmerge_plugins.methods import training_record as tr
+from fedmerge_plugins.methods.training_record import TrainingRecordError, effective_steps, log_estimate
 
 STEPS, PEAK, WARMUP = 30, 1e-3, 5
 
@@ -273,7 +273,7 @@ def mergekit_yaml(config: Dict, workdir: Path, name: str) -> Dict[str, torch.Ten
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory):
-    from fedmerge_plugins.synthetic import make_family
+    from tests.support.synthetic import make_family
 
     return make_family(tmp_path_factory.mktemp("family"), scales=(0.01, 0.02, 0.1))
 

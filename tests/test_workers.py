@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from fedmerge_plugins.errors import FedmergeError
-from fedmerge_plugins.workers import LOOPBACK_ENV, WorkerSettings, WorkersError, pack, run_units, unpack
+from fedmerge_plugins.search.workers import LOOPBACK_ENV, WorkerSettings, WorkersError, pack, run_units, unpack
 from tests.conftest import BIN
 
 os.environ.setdefault(LOOPBACK_ENV, "0")  # as workers.import_ray does: this file's Ray on loopback only
@@ -187,7 +187,7 @@ GRID = "0.4,0.8"  # × CCLIP's five ρ: 10 points
 
 
 def put_norms(keys: List[str], norms: List[float]) -> None:
-    from fedmerge_plugins.norm_cache import CACHE
+    from fedmerge_plugins.norms.cache import CACHE
 
     for key, norm in zip(keys, norms):
         CACHE.put(key, norm)
@@ -199,8 +199,8 @@ def sweep_world(local_ray, family, tmp_path_factory):
     outlier's norm halved (a common factor would change nothing: ρ's grid scales with it)."""
     from mergekit.common import ModelReference
 
-    from fedmerge_plugins.norm_cache import CACHE, cache_key
-    from fedmerge_plugins.norms import model_index, state_dict_norms
+    from fedmerge_plugins.norms.cache import CACHE, cache_key
+    from fedmerge_plugins.norms.streaming import model_index, state_dict_norms
     from fedmerge_plugins.sweep.evaluators import PythonEvaluator
     from fedmerge_plugins.sweep.run import run_sweep
 
@@ -244,7 +244,7 @@ def test_sweep_on_two_workers_equals_serial_with_the_drivers_norms_a_killed_work
     the clipping from the driver's norms (the workers never compute one)."""
     import ray as ray_module
 
-    from fedmerge_plugins.grids import clip_rho_grid
+    from fedmerge_plugins.search.grids import clip_rho_grid
     from fedmerge_plugins.sweep.evaluators import PythonEvaluator
     from fedmerge_plugins.sweep.run import run_sweep
     from tests.test_sweep import expected_selections
@@ -320,7 +320,7 @@ def test_clip_experiment_on_two_workers_equals_serial(local_ray, tmp_path):
     from fedmerge_plugins.clip.data import SplitSettings
     from fedmerge_plugins.clip.evaluate import Session
     from fedmerge_plugins.clip.experiment import Experiment, ExperimentSpec, Training
-    from fedmerge_plugins.clip.synthetic import build_world
+    from tests.support.clip_synthetic import build_world
 
     world = build_world(tmp_path / "world")
     tasks = ("mnist", "eurosat", "beta")

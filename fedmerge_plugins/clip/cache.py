@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from fedmerge_plugins.norm_cache import cache_dir, file_identity
+from fedmerge_plugins.norms.cache import cache_dir, file_identity
 
 LOG = logging.getLogger(__name__)
 

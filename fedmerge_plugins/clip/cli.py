@@ -41,7 +41,7 @@ def finetuned_sources(tasks: Sequence[str], models: Sequence[str], models_dir: O
 
 
 def _grid(text: Optional[str], default: Callable[[], list]) -> Tuple[float, ...]:
-    from fedmerge_plugins.grids import parse_grid
+    from fedmerge_plugins.search.grids import parse_grid
 
     if text is None:
         return tuple(default())
@@ -201,7 +201,7 @@ def experiment_command(base, data_dir, tasks_text, models, models_dir, device, b
 
     With --workers N (or --ray-address) each worker takes whole subset searches; this
     process loads the towers, heads and images once, and writes every record."""
-    from fedmerge_plugins import grids
+    from fedmerge_plugins.search import grids
     from fedmerge_plugins.cli import worker_settings
     from fedmerge_plugins.errors import FedmergeError
     from fedmerge_plugins.clip.experiment import Experiment, ExperimentSpec, read_training

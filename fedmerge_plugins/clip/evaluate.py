@@ -31,7 +31,7 @@ from fedmerge_plugins.clip.models import (
     load_tokenizer,
     tower_state_dict,
 )
-from fedmerge_plugins.normalized import normalized_accuracy
+from fedmerge_plugins.search.normalized import normalized_accuracy
 
 FINETUNED_VERSION = 1
 

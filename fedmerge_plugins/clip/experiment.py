@@ -1,12 +1,12 @@
 """The paper's CLIP experiment (section 6, appendix B): every subset of the tasks (T ≥ 2),
 every method, a grid search selected on validation and scored on test.
 
-For each subset and method the search engine (``fedmerge_plugins.search``) merges each
+For each subset and method the search engine (``fedmerge_plugins.search.engine``) merges each
 grid point in memory with mergekit's kernel (``merge_state_dicts``, what ``mergekit-yaml``
 runs) from task models loaded once, and scores it on validation by the mean normalised
 accuracy over the subset's tasks; FedGMA's ρ values that give the same merge are merged
 once. The best point (ties: the earlier one in grid order) is merged again and scored on
-test. Grids (``fedmerge_plugins.grids``): λ for every method; FedGMA also ρ; CCLIP also
+test. Grids (``fedmerge_plugins.search.grids``): λ for every method; FedGMA also ρ; CCLIP also
 ρ from the subset's task-vector norms. FedNova needs each task model's steps and learning
 rate (``Training``).
 
@@ -32,12 +32,12 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tup
 
 import torch
 
-from fedmerge_plugins import grids
+from fedmerge_plugins.search import grids
 from fedmerge_plugins.catalogue import BASELINE, SEARCH_METHODS
 from fedmerge_plugins.clip.cache import digest, source_identity
 from fedmerge_plugins.clip.evaluate import Session, normalized
 from fedmerge_plugins.errors import FedmergeError
-from fedmerge_plugins.search import (
+from fedmerge_plugins.search.engine import (
     Evaluation,
     Point,
     ResultLog,
@@ -48,7 +48,7 @@ from fedmerge_plugins.search import (
     point_parameters,
     run_search,
 )
-from fedmerge_plugins.workers import WorkerSettings, call, run_units
+from fedmerge_plugins.search.workers import WorkerSettings, call, run_units
 
 __all__ = ["BASELINE", "Experiment", "ExperimentSpec", "ResultLog", "Training", "best_index", "merge_in_memory",
            "merge_parameters", "read_training", "subsets"]
@@ -234,7 +234,7 @@ class Experiment:
     def prepare(self) -> None:
         from tqdm.auto import tqdm
 
-        from fedmerge_plugins.norms import state_dict_norms
+        from fedmerge_plugins.norms.streaming import state_dict_norms
 
         self.check_run_file()
         self.write_run_file()

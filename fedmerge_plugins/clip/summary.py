@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fedmerge_plugins.catalogue import BASELINE, LABELS
-from fedmerge_plugins.search import ResultLog
+from fedmerge_plugins.search.engine import ResultLog
 from fedmerge_plugins.clip.tasks import display_name
 
 PRETTY = LABELS

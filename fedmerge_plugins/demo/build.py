@@ -131,7 +131,7 @@ def build_models(out: Path, config: BuildConfig, *, rebuild: bool = False, log=p
 
     from fedmerge_plugins.demo.tokenizer import train_tokenizer
     from fedmerge_plugins.demo.train import document_examples, llama_config, response_examples, save_model, train
-    from fedmerge_plugins.norms import state_dict_norms
+    from fedmerge_plugins.norms.streaming import state_dict_norms
 
     models_dir = out / "models"
     key = cache_key(config)

@@ -31,7 +31,7 @@ class Scored:
 
     scores: Scores
     items: Items
-NOISY_LOGGERS = ("lm_eval", "lm-eval", "transformers", "mergekit", "datasets", "accelerate", "fedmerge_plugins.norms")
+NOISY_LOGGERS = ("lm_eval", "lm-eval", "transformers", "mergekit", "datasets", "accelerate", "fedmerge_plugins.norms.streaming")
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@
    alike) or heterogeneous (the same, with the picked candidate in place of its task's model).
 4. For each variant, merge set (the paper's four) and method (task arithmetic only for the
    homogeneous setting, all five for the heterogeneous one), the search engine
-   (``fedmerge_plugins.search``, as ``fedmerge sweep`` and the CLIP experiment) merges each
+   (``fedmerge_plugins.search.engine``, as ``fedmerge sweep`` and the CLIP experiment) merges each
    distinct point of the grid in memory with mergekit's ``merge_state_dicts`` and scores it on
    the validation items; the best average normalized accuracy wins (ties: the earlier point).
 5. The chosen values fill ``configs/demo/<set>/<method>.yml`` (written to ``out/recipes``). For
@@ -31,15 +31,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from fedmerge_plugins import search
+from fedmerge_plugins.search import engine as search
 from fedmerge_plugins.catalogue import BASELINE
 from fedmerge_plugins.demo import data
 from fedmerge_plugins.demo.build import SIZES as BUILD_SIZES
 from fedmerge_plugins.demo.build import TASK_MODELS, BuildConfig, build_models, candidate_name, task_splits
 from fedmerge_plugins.demo.recipes import MERGE_SETS, METHODS, recipe_values, write_recipe
-from fedmerge_plugins.grids import CCLIP_RHO_COUNT, LLM_LAMBDAS, fedgma_rho_grid, lambda_grid
-from fedmerge_plugins.normalized import normalized_accuracy
-from fedmerge_plugins.search import Evaluation, Point, method_grid
+from fedmerge_plugins.search.grids import CCLIP_RHO_COUNT, LLM_LAMBDAS, fedgma_rho_grid, lambda_grid
+from fedmerge_plugins.search.normalized import normalized_accuracy
+from fedmerge_plugins.search.engine import Evaluation, Point, method_grid
 
 Log = Callable[[str], None]
 HOMOGENEOUS, HETEROGENEOUS = "homogeneous", "heterogeneous"

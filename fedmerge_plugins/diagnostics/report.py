@@ -50,7 +50,7 @@ class InspectReport:
 
 
 def fednova_training(config: Any, models: Sequence[Any]) -> FedNovaTraining:
-    from fedmerge_plugins.recipe import training_record
+    from fedmerge_plugins.guards.recipe import training_record
 
     records = [training_record(config, m) for m in models]
     weights = fednova_weights([r.value for r in records])
@@ -73,8 +73,8 @@ def short_labels(models: Sequence[Any]) -> List[str]:
 
 
 def build_report(recipe: Path, device: str = "cpu") -> InspectReport:
-    from fedmerge_plugins.grids import clip_rho_grid, fedgma_rho_grid
-    from fedmerge_plugins.recipe import load_recipe, recipe_models
+    from fedmerge_plugins.search.grids import clip_rho_grid, fedgma_rho_grid
+    from fedmerge_plugins.guards.recipe import load_recipe, recipe_models
 
     _, config = load_recipe(recipe)
     base, models = recipe_models(config)

@@ -4,7 +4,7 @@ For each tensor name of the base checkpoint (in the base's order), the base tens
 every task model's tensor are loaded, used and dropped, so memory holds one tensor name
 at a time whatever the model size.
 
-- Norms ‖τ_t‖ are summed by ``fedmerge_plugins.norms.NormSums``, the accumulator of the
+- Norms ‖τ_t‖ are summed by ``fedmerge_plugins.norms.streaming.NormSums``, the accumulator of the
   norm pass ``norms.stream_norms``, term by term and in the same order, so they are the very
   numbers CCLIP uses; they are looked up and stored through ``norms.resolve_norms`` under
   the same keys (a norm already cached is reported as cached, since that is the value a
@@ -28,8 +28,8 @@ import torch
 from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 
-from fedmerge_plugins.norm_cache import CACHE, NormCache
-from fedmerge_plugins.norms import NormSums, checkpoint_loaders, model_index, resolve_norms, shared_rows, stream_tensors
+from fedmerge_plugins.norms.cache import CACHE, NormCache
+from fedmerge_plugins.norms.streaming import NormSums, checkpoint_loaders, model_index, resolve_norms, shared_rows, stream_tensors
 
 CHUNK = 1 << 22  # coordinates per float64 block of the Gram accumulation
 

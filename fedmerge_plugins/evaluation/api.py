@@ -22,7 +22,7 @@ from fedmerge_plugins.evaluation.backends import Backend
 from fedmerge_plugins.evaluation.loaders import check_split, local_path
 from fedmerge_plugins.evaluation.sandbox import require_isolation
 from fedmerge_plugins.evaluation.tasks import PAPER_TASKS, TASKS, get_spec, parse_task_list
-from fedmerge_plugins.model_folder import check_model_folder
+from fedmerge_plugins.guards.model_folder import check_model_folder
 
 TASKS_DIR_ENV = "FEDMERGE_EVAL_TASKS"
 # lm-eval warnings that every run of these tasks would print, with nothing to act on

@@ -9,7 +9,7 @@ from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, Tenso
 
 from fedmerge_plugins.errors import NonFiniteError
 from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, weighted_task_sum
-from fedmerge_plugins.params import LAMBDA, ClipRho, Norm, per_model, shared
+from fedmerge_plugins.methods.params import LAMBDA, ClipRho, Norm, per_model, shared
 
 # (base id, model ids, device) -> ‖θ_model − θ_base‖ per model, over every weight of the checkpoints.
 NormProvider = Callable[[Hashable, Sequence[Hashable], torch.device], List[float]]
@@ -22,9 +22,9 @@ def clip_coefficients(rho: float, norms: Sequence[float]) -> List[float]:
 
 def checkpoint_norm_provider(base: Hashable, models: Sequence[Hashable], device: torch.device) -> List[float]:
     """The default provider: the cached norms of mergekit's input checkpoints, those not
-    cached computed together in one streaming pass (``fedmerge_plugins.norms.reference_norms``;
+    cached computed together in one streaming pass (``fedmerge_plugins.norms.streaming.reference_norms``;
     ids must be mergekit ModelReferences)."""
-    from fedmerge_plugins.norms import reference_norms
+    from fedmerge_plugins.norms.streaming import reference_norms
 
     return reference_norms(base, models, device)
 
@@ -59,7 +59,7 @@ class CClipMerge(GroupMergeMethod):
         if missing and self.norm_provider is None:
             raise ValueError(
                 f"cclip: no task-vector norm for model {missing[0]!r}: pass the per-model parameter "
-                "`norm` (fedmerge_plugins.norms.state_dict_norms computes it from state dicts)"
+                "`norm` (fedmerge_plugins.norms.streaming.state_dict_norms computes it from state dicts)"
             )
         if missing:
             try:

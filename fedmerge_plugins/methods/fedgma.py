@@ -8,7 +8,7 @@ import torch
 from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, TensorGroup
 
 from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, blockwise, task_vector
-from fedmerge_plugins.params import LAMBDA, AgreementRho, shared
+from fedmerge_plugins.methods.params import LAMBDA, AgreementRho, shared
 
 
 def full_agreement_count(rho: float, count: int) -> int:

@@ -9,10 +9,10 @@ import torch
 from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, TensorGroup
 
 from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, weighted_task_sum
-from fedmerge_plugins.params import (
+from fedmerge_plugins.methods.params import (
     LAMBDA, LearningRate, ScheduleName, Steps, TrainingLog, WarmupRatio, WarmupSteps, per_model,
 )
-from fedmerge_plugins.training_record import RECORD_KEYS, effective_steps
+from fedmerge_plugins.methods.training_record import RECORD_KEYS, effective_steps
 
 
 def fednova_coefficients(effective: Sequence[Union[float, Fraction]]) -> List[float]:

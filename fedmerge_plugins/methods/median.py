@@ -9,7 +9,7 @@ import torch
 from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, TensorGroup
 
 from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, blockwise, task_vector
-from fedmerge_plugins.params import LAMBDA
+from fedmerge_plugins.methods.params import LAMBDA
 
 # (i, j, keep_min, keep_max): rows i, j become min and max of the two, as far as needed
 Comparator = Tuple[int, int, bool, bool]

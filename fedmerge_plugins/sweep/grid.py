@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
-from fedmerge_plugins.search import Point, expand, recipe_yaml, winner_recipe
+from fedmerge_plugins.search.engine import Point, expand, recipe_yaml, winner_recipe
 from fedmerge_plugins.sweep.errors import SweepError
 
 __all__ = ["check_sweepable", "expand", "parse_values", "point_config"]
@@ -19,7 +19,7 @@ __all__ = ["check_sweepable", "expand", "parse_values", "point_config"]
 
 def parse_values(text: str, option: str) -> List[float]:
     """Values of a grid option: ``START:STOP:STEP`` (stop included) or a comma list."""
-    from fedmerge_plugins.grids import parse_grid
+    from fedmerge_plugins.search.grids import parse_grid
 
     try:
         values = parse_grid(text)
@@ -36,7 +36,7 @@ def check_sweepable(config: Any, names: Sequence[str]) -> None:
     from mergekit.merge_methods import registry
     from mergekit.merge_methods.base import ParameterScope
 
-    from fedmerge_plugins.recipe import parameter_blocks
+    from fedmerge_plugins.guards.recipe import parameter_blocks
 
     method = config.merge_method
     spec = {p.name: p for p in registry.get(method).spec.parameters}
@@ -61,7 +61,7 @@ def point_config(data: Dict[str, Any], point: Point) -> Any:
     import yaml
     from mergekit.config import MergeConfiguration
 
-    from fedmerge_plugins.recipe import RecipeError, check_recipe
+    from fedmerge_plugins.guards.recipe import RecipeError, check_recipe
 
     config = MergeConfiguration.model_validate(yaml.safe_load(recipe_yaml(winner_recipe(data, point))))
     try:

@@ -95,13 +95,13 @@ def install(loaders: Dict[ModelReference, MemoryLoader]) -> None:
 
 def memory_norms(base: ModelReference, tasks: Sequence[ModelReference], loaders: Dict[ModelReference, MemoryLoader]) -> List[float]:
     """CCLIP's global norms from the in-memory tensors, cached under the checkpoints' keys."""
-    from fedmerge_plugins.norms import loader_norms
+    from fedmerge_plugins.norms.streaming import loader_norms
 
     return loader_norms(loaders[base], [loaders[task] for task in tasks], labels=[str(task) for task in tasks])  # type: ignore[arg-type, list-item]
 
 
 def disk_norms(base: ModelReference, tasks: Sequence[ModelReference], device: str = "cpu") -> List[float]:
-    from fedmerge_plugins.norms import reference_norms
+    from fedmerge_plugins.norms.streaming import reference_norms
 
     return reference_norms(base, tasks, device=device)
 
@@ -109,8 +109,8 @@ def disk_norms(base: ModelReference, tasks: Sequence[ModelReference], device: st
 def merge_options(base: ModelReference, device: str = "cpu") -> MergeOptions:
     """mergekit-yaml's defaults, quiet, without a model card, and copying the base's
     tokenizer only where it has one (a CLIP vision tower has none)."""
-    from fedmerge_plugins.model_folder import has_tokenizer
-    from fedmerge_plugins.norms import model_index
+    from fedmerge_plugins.guards.model_folder import has_tokenizer
+    from fedmerge_plugins.norms.streaming import model_index
 
     folder = Path(model_index(base).base_path)
     copy_tokenizer = has_tokenizer(folder)

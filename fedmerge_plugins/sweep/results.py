@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any, Dict, List, Optional, Sequence
 
-from fedmerge_plugins.search import Point
+from fedmerge_plugins.search.engine import Point
 
 
 def fingerprint(recipe: Dict[str, Any], swept: Sequence[str], evaluator: str, reference: Optional[Dict[str, float]]) -> str:

@@ -1,4 +1,4 @@
-"""The sweep: a recipe's grid, searched by ``fedmerge_plugins.search`` with each point
+"""The sweep: a recipe's grid, searched by ``fedmerge_plugins.search.engine`` with each point
 merged by mergekit's ``run_merge`` and scored by an evaluator; the winning recipe.
 
 ``plan_sweep`` checks everything that can be wrong with the request (grid values, recipe,
@@ -18,13 +18,13 @@ from typing import Any, Callable, Dict, List, Optional
 
 import click
 
-from fedmerge_plugins.search import Evaluation, Point, ResultLog, SearchOutcome, expand, recipe_yaml, run_search, winner_recipe
+from fedmerge_plugins.search.engine import Evaluation, Point, ResultLog, SearchOutcome, expand, recipe_yaml, run_search, winner_recipe
 from fedmerge_plugins.sweep.errors import SweepError
 from fedmerge_plugins.sweep.evaluators import Evaluator, selection_score
 from fedmerge_plugins.sweep.grid import check_sweepable, parse_values, point_config
 from fedmerge_plugins.sweep.memory import MemoryPlan
 from fedmerge_plugins.sweep.results import fingerprint, results_table
-from fedmerge_plugins.workers import WorkerSettings
+from fedmerge_plugins.search.workers import WorkerSettings
 
 RESULTS = "results.jsonl"
 WINNER = "winner.yml"
@@ -58,7 +58,7 @@ class SweepPlan:
         return self.config.merge_method
 
     def points(self, norms: Optional[List[float]] = None) -> List[Point]:
-        from fedmerge_plugins.grids import clip_rho_grid
+        from fedmerge_plugins.search.grids import clip_rho_grid
 
         axes = dict(self.axes)
         if self.paper_clip and norms is not None:
@@ -68,8 +68,8 @@ class SweepPlan:
 
 def plan_sweep(recipe: Path, lambdas: Optional[str], rhos: Optional[str]) -> SweepPlan:
     """The request checked from the recipe text alone (no checkpoint is opened)."""
-    from fedmerge_plugins.grids import fedgma_rho_grid
-    from fedmerge_plugins.recipe import load_recipe
+    from fedmerge_plugins.search.grids import fedgma_rho_grid
+    from fedmerge_plugins.guards.recipe import load_recipe
 
     data, config = load_recipe(recipe, shapes=False)  # shapes: per point, once --out is checked
     method = config.merge_method
@@ -96,14 +96,14 @@ def open_log(out: Path, plan: SweepPlan, evaluator: Evaluator, reference: Option
 
 def _norm_keys(base, tasks) -> List[str]:
     """The norm-cache key of each task model's norm against ``base``."""
-    from fedmerge_plugins.norm_cache import cache_keys
-    from fedmerge_plugins.norms import model_index
+    from fedmerge_plugins.norms.cache import cache_keys
+    from fedmerge_plugins.norms.streaming import model_index
 
     return cache_keys(model_index(base), [model_index(task) for task in tasks])
 
 
 def _cached_norms(base, tasks) -> Optional[List[float]]:
-    from fedmerge_plugins.norm_cache import CACHE
+    from fedmerge_plugins.norms.cache import CACHE
 
     keys = _norm_keys(base, tasks)
     found = CACHE.lookup(keys)
@@ -154,7 +154,7 @@ class SweepPoint:
     scratch: Optional[Path] = None  # None: out/merges
 
     def __call__(self, point: Point) -> Evaluation:
-        from fedmerge_plugins.norm_cache import CACHE
+        from fedmerge_plugins.norms.cache import CACHE
         from fedmerge_plugins.sweep import scratch
         from fedmerge_plugins.sweep.merger import install, merge_point
 
@@ -198,8 +198,8 @@ def run_sweep(
     the paper's grid of cclip or fedgma). ``workers``: score the points on Ray workers
     (``WorkerSettings(workers=N)`` or ``ray_address=...``); the inputs are read and CCLIP's
     norms computed here, once, and only this process writes the log."""
-    from fedmerge_plugins.norms import model_index
-    from fedmerge_plugins.recipe import recipe_models
+    from fedmerge_plugins.norms.streaming import model_index
+    from fedmerge_plugins.guards.recipe import recipe_models
     from fedmerge_plugins.sweep import scratch
     from fedmerge_plugins.sweep.memory import plan_memory
     from fedmerge_plugins.sweep.merger import disk_norms, inputs_in_memory, memory_norms, merge_options

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from fedmerge_plugins.staging import remove_dead
+from fedmerge_plugins.guards.staging import remove_dead
 from fedmerge_plugins.sweep.errors import SweepError
 from fedmerge_plugins.sweep.memory import HEADROOM, available_memory, human
 

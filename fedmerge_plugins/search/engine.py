@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 from fedmerge_plugins.errors import FedmergeError
 
 if TYPE_CHECKING:
-    from fedmerge_plugins.workers import WorkerSettings
+    from fedmerge_plugins.search.workers import WorkerSettings
 
 Scores = Dict[str, float]
 SWEPT = ("lambda", "rho")  # the searched parameters, outermost first
@@ -88,7 +88,7 @@ def method_grid(
 ) -> List[Point]:
     """The paper's grid of ``method``: λ, times FedGMA's ρ grid or CCLIP's ρ from ``norms``
     (the merged models' task-vector norms, ``grids.clip_rho_grid``)."""
-    from fedmerge_plugins import grids
+    from fedmerge_plugins.search import grids
 
     rhos: Optional[Sequence[float]] = None
     if method == "fedgma":
@@ -249,7 +249,7 @@ def run_search(
     its tensors through the object store, and the records are written here as results come."""
     from tqdm.auto import tqdm
 
-    from fedmerge_plugins.workers import WorkerSettings, call, run_units
+    from fedmerge_plugins.search.workers import WorkerSettings, call, run_units
 
     done = log.points(group)
     pending: List[Point] = []

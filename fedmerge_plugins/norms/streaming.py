@@ -16,7 +16,7 @@ tensor order) as a pass over that model alone, so the norms do not depend on whi
 are computed together. The same pass serves cclip inside mergekit (``reference_norms``),
 ``fedmerge inspect`` (its statistics ride on ``stream_tensors`` and ``NormSums``) and the
 sweep (``loader_norms`` on in-memory copies). Norms are remembered by
-``fedmerge_plugins.norm_cache``; a cached norm is never streamed.
+``fedmerge_plugins.norms.cache``; a cached norm is never streamed.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 from tqdm.auto import tqdm
 
 from fedmerge_plugins.errors import NonFiniteError
-from fedmerge_plugins.norm_cache import CACHE, NormCache, cache_keys
+from fedmerge_plugins.norms.cache import CACHE, NormCache, cache_keys
 
 LOG = logging.getLogger(__name__)
 _PASS_LOCK = threading.Lock()  # mergekit may run tasks in threads: one norm pass at a time
@@ -245,7 +245,7 @@ def reference_norms(
         if not isinstance(base, ModelReference) or not isinstance(model, ModelReference):
             raise ValueError(
                 f"cclip: no task-vector norm for model {model!r}: outside a mergekit recipe pass the "
-                "per-model parameter `norm` (fedmerge_plugins.norms.state_dict_norms computes it)"
+                "per-model parameter `norm` (fedmerge_plugins.norms.streaming.state_dict_norms computes it)"
             )
     return checkpoint_norms(
         model_index(base), [model_index(m) for m in models], labels=[str(m) for m in models], device=device, cache=cache

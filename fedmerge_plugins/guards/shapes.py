@@ -78,7 +78,7 @@ def _index(model: ModelReference) -> Any:
     mergekit's loader reads it), so that mergekit's loader cache is not filled early."""
     from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 
-    from fedmerge_plugins.norms import model_index
+    from fedmerge_plugins.norms.streaming import model_index
 
     if model.lora is None and os.path.isdir(model.model.path):
         return ShardedTensorIndex.from_disk(model.model.path)

@@ -14,7 +14,7 @@ from mergekit.merge_methods.base import MISSING, ParameterScope, ParameterSpec
 from pydantic import AfterValidator
 from typing_extensions import Annotated
 
-from fedmerge_plugins.training_record import SCHEDULES
+from fedmerge_plugins.methods.training_record import SCHEDULES
 
 
 def _check(name: str, rule: str, ok: Callable[[float], bool]) -> AfterValidator:
@@ -48,7 +48,7 @@ Lambda = Annotated[float, _check("lambda", "a finite number", lambda v: True)]
 AgreementRho = Annotated[float, _check("rho", "in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
 ClipRho = Annotated[float, _check("rho", "> 0", lambda v: v > 0.0)]
 
-# FedNova's training record (fedmerge_plugins.training_record); None: not given
+# FedNova's training record (fedmerge_plugins.methods.training_record); None: not given
 Steps = Optional[Annotated[int, _check("steps", "an integer > 0", lambda v: v > 0)]]
 LearningRate = Optional[Annotated[float, _check("learning_rate", "> 0", lambda v: v > 0.0)]]
 ScheduleName = Optional[Annotated[str, _choice("schedule", SCHEDULES)]]

@@ -7,7 +7,7 @@ parameters set per model, missing required values (fednova's ``steps`` or ``trai
 whose logs are read and checked here), placeholders left in a recipe, values out of range,
 a missing base model; ``check_inputs`` adds models that do not exist (``model_sources``)
 and weight files or tensor shapes that cannot merge (``shapes``, from the headers).
-``fedmerge_plugins.mergekit_hooks``
+``fedmerge_plugins.guards.hooks``
 runs the recipe-only checks at the start of ``run_merge`` (before any model is resolved or
 downloaded) and all of them, shapes included, when ``MergePlanner`` starts (before any
 output exists).
@@ -29,7 +29,7 @@ from fedmerge_plugins import METHOD_NAMES
 from fedmerge_plugins.errors import RecipeError
 
 if TYPE_CHECKING:
-    from fedmerge_plugins.training_record import EffectiveSteps
+    from fedmerge_plugins.methods.training_record import EffectiveSteps
 
 Block = Tuple[str, Optional[ModelReference], Dict[str, Any]]
 
@@ -123,8 +123,8 @@ def _check_value(method: str, where: str, parameter: ParameterSpec, setting: Any
 def check_inputs(config: MergeConfiguration, *, arch_info: Any = None, options: Any = None) -> None:
     """Every model the recipe names exists (``model_sources``), its weight files can be
     read, and its tensors have shapes that merge with the base's (``shapes``)."""
-    from fedmerge_plugins.model_sources import check_sources
-    from fedmerge_plugins.shapes import check_shapes
+    from fedmerge_plugins.guards.sources import check_sources
+    from fedmerge_plugins.guards.shapes import check_shapes
 
     check_sources(config, cache_dir=getattr(options, "transformers_cache", None))
     truncate = bool(getattr(options, "unsafe_truncate_embeddings", False))
@@ -184,7 +184,7 @@ def check_recipe(config: MergeConfiguration, *, shapes: bool = True, arch_info: 
 
 def training_record(config: MergeConfiguration, model: ModelReference) -> "EffectiveSteps":
     """FedNova's ‖a_t‖₁ for ``model`` from the recipe's values (its logs read and checked)."""
-    from fedmerge_plugins.training_record import RECORD_KEYS, TrainingRecordError, effective_steps
+    from fedmerge_plugins.methods.training_record import RECORD_KEYS, TrainingRecordError, effective_steps
 
     parameters = {p.name: p for p in registry.get("fednova").spec.parameters}
     values: Dict[str, Any] = {}

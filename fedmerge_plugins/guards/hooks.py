@@ -41,10 +41,10 @@ def install_run_merge_check() -> None:
     when the merge is complete (``staging``). Under ``mergekit-yaml`` a ``FedmergeError``
     raised anywhere in the merge (a NaN found mid-merge) is one line; ``-vv`` shows the
     traceback."""
-    from fedmerge_plugins.model_sources import check_sources
-    from fedmerge_plugins.recipe import check_recipe
-    from fedmerge_plugins.shapes import check_readable
-    from fedmerge_plugins.staging import staged_output
+    from fedmerge_plugins.guards.sources import check_sources
+    from fedmerge_plugins.guards.recipe import check_recipe
+    from fedmerge_plugins.guards.shapes import check_readable
+    from fedmerge_plugins.guards.staging import staged_output
 
     # Called while mergekit.merge finishes loading: take it from sys.modules, not the package.
     merge = importlib.import_module("mergekit.merge")
@@ -70,7 +70,7 @@ def install_planner_check() -> None:
     """Run ``check_recipe`` at the start of every ``MergePlanner`` (idempotent)."""
     from mergekit.plan import MergePlanner
 
-    from fedmerge_plugins.recipe import check_recipe
+    from fedmerge_plugins.guards.recipe import check_recipe
 
     original = MergePlanner.__init__
     if getattr(original, "fedmerge_checked", False):
