@@ -24,3 +24,12 @@ class InputError(RecipeError):
 
 class NonFiniteError(FedmergeError, ValueError):
     """NaN or inf in an input tensor or a merged tensor (named by model and tensor)."""
+
+
+def reason(error: BaseException) -> str:
+    """An exception as the reason part of a one-line message: an ``OSError``'s ``strerror``
+    (the message names the file already), else its text on one line (at most 200
+    characters), else its type's name."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    text = " ".join(text.split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -25,9 +25,10 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from safetensors.torch import save_file
 
+from fedmerge_plugins import store
 from fedmerge_plugins.norms import cache as norm_cache
 from fedmerge_plugins.norms import streaming as norms
-from fedmerge_plugins.norms.cache import CACHE, NormCache
+from fedmerge_plugins.norms.cache import NormCache
 from tests.support.synthetic import Family, make_family, task_tensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,15 +84,17 @@ def test_norm_counts_every_weight_and_only_the_shared_vocabulary_rows(family: Fa
     assert norm_of(family, 1) == pytest.approx(expected_norm(family.base_tensors, family.task_tensors[1]), rel=1e-6)
 
 
-def test_a_second_merge_reads_no_checkpoint_for_norms(family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_second_merge_reads_no_checkpoint_for_norms(
+    family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_process, private_norm_cache: Path
+) -> None:
     counter = CountingPass(monkeypatch)
     cclip_merge(family, tmp_path / "first")
     assert counter.passes == [2]  # one pass for both task models
 
-    CACHE.clear_memory()  # as in a new process: only the disk cache remains
+    new_process()  # only the disk cache remains
     cclip_merge(family, tmp_path / "second")
     assert counter.passes == [2]
-    assert len(CACHE._read_disk()) == 2
+    assert len(json.loads((private_norm_cache / "norms.json").read_text())) == 2
 
 
 def test_sweeping_rho_in_one_process_streams_once(family: Family, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,7 +133,7 @@ def rewrite_as_new_file(path: Path, tensors: dict) -> None:
 
 
 @pytest.mark.parametrize("rewrite", [rewrite_in_place, rewrite_as_new_file])
-def test_a_same_size_rewrite_with_the_mtime_put_back_is_not_fooled(rewrite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_same_size_rewrite_with_the_mtime_put_back_is_not_fooled(rewrite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_process) -> None:
     """``cp -p`` / ``rsync -a`` / ``tar x`` keep size and mtime; ctime and inode tell."""
     family = make_family(tmp_path, scales=(0.01,))
     weights = family.tasks[0] / "model.safetensors"
@@ -143,7 +146,7 @@ def test_a_same_size_rewrite_with_the_mtime_put_back_is_not_fooled(rewrite, tmp_
     after = weights.stat()
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)  # what the old key saw
 
-    CACHE.clear_memory()  # a new process, with only the cache file
+    new_process()  # with only the cache file
     counter = CountingPass(monkeypatch)
     assert norm_of(family, 0) == pytest.approx(expected_norm(family.base_tensors, other), rel=1e-6)
     assert counter.passes == [1]
@@ -246,11 +249,11 @@ def test_an_unwritable_cache_warns_once_and_keeps_norms_in_memory(kind: str, tmp
 
 
 def test_a_lock_that_is_not_released_skips_writing(tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(norm_cache, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(store, "LOCK_TIMEOUT_S", 0.2)
     path = tmp_path / "norms.json"
     path.write_text(json.dumps({"old": {"norm": 1.0}}))
     cache = NormCache(path)
-    with open(cache.lock_path, "w") as holder, caplog.at_level(logging.WARNING):
+    with open(tmp_path / "norms.json.lock", "w") as holder, caplog.at_level(logging.WARNING):
         fcntl.flock(holder, fcntl.LOCK_EX)  # another writer that never finishes
         cache.put("new", 2.0)
     (warning,) = cache_warnings(caplog)

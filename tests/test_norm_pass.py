@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedmerge_plugins.norms import streaming as norms
-from fedmerge_plugins.norms.cache import CACHE, NormCache, cache_key
+from fedmerge_plugins.norms import cache as norm_cache
+from fedmerge_plugins.norms.cache import NormCache, cache_key
 from tests.support.synthetic import Family, make_family
 from tests.test_norm_cache import cclip_merge
 
@@ -121,12 +122,12 @@ def test_a_cold_cclip_merge_reads_the_base_once_and_each_task_model_once_for_nor
     assert counter.per_checkpoint(counter.all) == {"base": [2], "task0": [2], "task1": [2], "task2": [2]}
 
 
-def test_joint_norms_are_bit_for_bit_one_pass_per_model(family: Family, tmp_path: Path) -> None:
+def test_joint_norms_are_bit_for_bit_one_pass_per_model(family: Family, tmp_path: Path, new_process) -> None:
     expected = per_model_norms(family)
     assert expected == pytest.approx(float64_norms(family), rel=1e-6)
     base, *tasks = refs(family)
     assert norms.reference_norms(base, tasks) == expected  # from the pass
-    CACHE.clear_memory()
+    new_process()
     assert norms.reference_norms(base, tasks) == expected  # from the cache file
     for i, (task, norm) in enumerate(reversed(list(zip(tasks, expected)))):  # alone, in another order
         alone = NormCache(tmp_path / f"alone-{i}.json")
@@ -156,7 +157,7 @@ def test_the_sweeps_in_memory_copies_give_the_same_norms_in_one_pass(family: Fam
         assert memory_norms(models[0], models[1:], loaders) == expected
     assert counter.passes == 1 and not counter.all  # nothing read from disk
     keys = [cache_key(norms.model_index(models[0]), norms.model_index(m)) for m in models[1:]]
-    assert [CACHE.get(k) for k in keys] == expected  # where mergekit-yaml's cclip looks
+    assert [norm_cache.CACHE.get(k) for k in keys] == expected  # where mergekit-yaml's cclip looks
 
 
 def test_a_model_sharing_no_float_tensor_is_named(family: Family, tmp_path: Path) -> None:

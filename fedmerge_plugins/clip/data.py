@@ -32,7 +32,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from fedmerge_plugins.clip.cache import digest, source_identity
+from fedmerge_plugins.clip.cache import KEY_LENGTH, source_identity
+from fedmerge_plugins.store import digest
 from fedmerge_plugins.clip.tasks import FOLDER_ALIASES, TaskText, shipped, task_text
 
 SPLIT_ALIASES: Dict[str, Tuple[str, ...]] = {
@@ -262,7 +263,8 @@ def pixels(
     source, indices = split_indices(data, split, settings)
     part = data.split(source)
     key = digest(
-        "pixels", PIXEL_VERSION, source_identity(str(data.root)), source, digest(indices), processor.to_dict()
+        "pixels", PIXEL_VERSION, source_identity(str(data.root)), source, digest(indices, length=KEY_LENGTH),
+        processor.to_dict(), length=KEY_LENGTH,
     )
     directory = cache_root / "pixels"
     images_path, labels_path = directory / f"{key}.npy", directory / f"{key}.labels.npy"

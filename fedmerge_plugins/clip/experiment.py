@@ -34,7 +34,8 @@ import torch
 
 from fedmerge_plugins.search import grids
 from fedmerge_plugins.catalogue import BASELINE, SEARCH_METHODS
-from fedmerge_plugins.clip.cache import digest, source_identity
+from fedmerge_plugins.clip.cache import KEY_LENGTH, source_identity
+from fedmerge_plugins.store import digest
 from fedmerge_plugins.clip.evaluate import Session, normalized
 from fedmerge_plugins.errors import FedmergeError
 from fedmerge_plugins.search.engine import (
@@ -206,7 +207,7 @@ class Experiment:
         return {
             "base": self.session.base,
             "finetuned": {t: self.finetuned[t] for t in self.spec.tasks},
-            "models_identity": digest([source_identity(self.finetuned[t]) for t in self.spec.tasks]),
+            "models_identity": digest([source_identity(self.finetuned[t]) for t in self.spec.tasks], length=KEY_LENGTH),
             "data_dir": str(Path(self.session.data_dir).resolve()),
             "splits": asdict(self.session.settings),
             "spec": self.spec.describe(),

@@ -18,7 +18,8 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from fedmerge_plugins.clip.cache import digest, source_identity
+from fedmerge_plugins.clip.cache import KEY_LENGTH, source_identity
+from fedmerge_plugins.store import digest
 from fedmerge_plugins.clip.tasks import TaskText
 
 HEAD_VERSION = 1
@@ -49,7 +50,7 @@ def zero_shot_head(clip, tokenizer, text: TaskText, batch_size: int = 256) -> to
 
 def cached_head(clip, tokenizer, base: str, text: TaskText, cache_root: Path) -> torch.Tensor:
     """``zero_shot_head``, read from ``cache_root/heads`` when this base and text were seen."""
-    key = digest("head", HEAD_VERSION, source_identity(base), text.classnames, text.templates)
+    key = digest("head", HEAD_VERSION, source_identity(base), text.classnames, text.templates, length=KEY_LENGTH)
     path = cache_root / "heads" / f"{key}.pt"
     device = clip.text_projection.weight.device
     if path.exists():

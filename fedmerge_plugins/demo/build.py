@@ -17,7 +17,6 @@ and the task vectors stay small and compatible: the regime where task arithmetic
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import shutil
@@ -28,6 +27,7 @@ from typing import Dict, Optional, Tuple
 
 from fedmerge_plugins.demo import data
 from fedmerge_plugins.demo.train import ModelShape, TrainSpec
+from fedmerge_plugins.store import digest
 
 MANIFEST = "manifest.json"
 # task model directory name (as the paper names them) -> evaluation task
@@ -97,8 +97,7 @@ def cache_key(config: BuildConfig) -> str:
     sources = [inspect.getsource(module) for module in (data, tokenizer, train, prompts)]
     sources.append(inspect.getsource(build_models))
     versions = [torch.__version__, transformers.__version__, tokenizers.__version__]
-    payload = json.dumps([config_dict(config), versions, sources], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return digest(config_dict(config), versions, sources, length=16)
 
 
 def read_manifest(models_dir: Path) -> Optional[dict]:

@@ -27,8 +27,9 @@ BLOCK = 1 << 18  # elements per block on the CPU: 1 MiB per float32 buffer
 BlockRule = Callable[[torch.Tensor, List[torch.Tensor], List[torch.Tensor]], torch.Tensor]
 
 
-def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels and norms compute in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def blockwise(group: TensorGroup, method: str, buffers: int, merge_block: BlockRule) -> torch.Tensor:
@@ -41,7 +42,7 @@ def blockwise(group: TensorGroup, method: str, buffers: int, merge_block: BlockR
     Off the CPU there is one block: the whole tensor.
     """
     base = group.base.tensor
-    dtype = compute_dtype(base)
+    dtype = compute_dtype(base.dtype)
     flat_base = base.reshape(-1)
     models = [entry.tensor.reshape(-1) for entry in group.non_base]
     out = torch.empty(base.shape, dtype=base.dtype, device=base.device)

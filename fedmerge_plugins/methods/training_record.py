@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fedmerge_plugins.errors import FedmergeError
+from fedmerge_plugins.store import FileIdentity, file_identity
 
 SCHEDULES: Tuple[str, ...] = (
     "constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup",
@@ -169,9 +170,8 @@ def state_file(path: Path) -> Path:
 
 
 def read_run(path: Path) -> LoggedRun:
-    file = state_file(Path(path))
-    stat = file.stat()
-    return _read_run(file.resolve(), stat.st_mtime_ns, stat.st_size)
+    file = state_file(Path(path)).resolve()
+    return _read_run(file, file_identity(str(file)))
 
 
 def _integer(data: Mapping[str, Any], key: str, file: Path) -> int:
@@ -182,7 +182,8 @@ def _integer(data: Mapping[str, Any], key: str, file: Path) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _read_run(file: Path, mtime_ns: int, size: int) -> LoggedRun:
+def _read_run(file: Path, identity: FileIdentity) -> LoggedRun:
+    """The run logged in ``file``, read again whenever its ``identity`` changes."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -327,9 +328,7 @@ def split_logs(logs: str) -> List[str]:
 
 def _stat(path: Path) -> Tuple[Any, ...]:
     try:
-        file = state_file(path)
-        stat = file.stat()
-        return (str(file), stat.st_mtime_ns, stat.st_size)
+        return file_identity(str(state_file(path).resolve()))
     except (TrainingRecordError, OSError):
         return (str(path), None)  # resolved (and reported) by _effective_steps
 

@@ -34,7 +34,9 @@ from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 from tqdm.auto import tqdm
 
 from fedmerge_plugins.errors import NonFiniteError
-from fedmerge_plugins.norms.cache import CACHE, NormCache, cache_keys
+from fedmerge_plugins.methods.common import compute_dtype
+from fedmerge_plugins.norms import cache as norm_cache
+from fedmerge_plugins.norms.cache import NormCache, cache_keys
 
 LOG = logging.getLogger(__name__)
 _PASS_LOCK = threading.Lock()  # mergekit may run tasks in threads: one norm pass at a time
@@ -61,11 +63,6 @@ def shared_rows(name: str, base: torch.Tensor, model: torch.Tensor, model_label:
     axis = differing[0]
     rows = min(base.shape[axis], model.shape[axis])
     return base.narrow(axis, 0, rows), model.narrow(axis, 0, rows)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype norms are summed in: float64 for a float64 base, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def squared_distance(name: str, base: torch.Tensor, model: torch.Tensor, model_label: str) -> float:
@@ -164,10 +161,12 @@ def resolve_norms(
     base: ShardedTensorIndex,
     models: Sequence[ShardedTensorIndex],
     compute: Callable[[List[int]], List[float]],
-    cache: NormCache = CACHE,
+    cache: Optional[NormCache] = None,
 ) -> Tuple[List[float], List[bool]]:
     """(norms, cached flags): cached norms looked up in one read of the cache, the others
-    computed by ``compute(missing model positions)`` and stored together in one write."""
+    computed by ``compute(missing model positions)`` and stored together in one write;
+    ``cache``: the process's norm cache (``norm_cache.CACHE``) unless given."""
+    cache = norm_cache.CACHE if cache is None else cache
     keys = cache_keys(base, models)
     known = cache.lookup(keys)
     missing = [t for t, key in enumerate(keys) if key not in known and key not in keys[:t]]
@@ -186,7 +185,7 @@ def loader_norms(
     *,
     labels: Sequence[str],
     device: torch.device | str = "cpu",
-    cache: NormCache = CACHE,
+    cache: Optional[NormCache] = None,
 ) -> List[float]:
     """The global norms of ``models`` against ``base``, through loaders the caller holds
     (fresh ones from ``checkpoint_norms``, or a sweep's in-memory copies): the same cache
@@ -211,7 +210,7 @@ def checkpoint_norms(
     *,
     labels: Sequence[str],
     device: torch.device | str = "cpu",
-    cache: NormCache = CACHE,
+    cache: Optional[NormCache] = None,
 ) -> List[float]:
     """``loader_norms`` over the checkpoints on disk (their files are closed afterwards)."""
     with checkpoint_loaders([base, *models]) as loaders:
@@ -237,7 +236,7 @@ def model_index(model: ModelReference) -> ShardedTensorIndex:
 
 
 def reference_norms(
-    base: Hashable, models: Sequence[Hashable], device: torch.device | str = "cpu", cache: NormCache = CACHE
+    base: Hashable, models: Sequence[Hashable], device: torch.device | str = "cpu", cache: Optional[NormCache] = None
 ) -> List[float]:
     """Norms of task models given as mergekit ``ModelReference``s: cclip's default norm
     provider inside mergekit merges, and ``fedmerge inspect``'s and the sweep's from disk."""
