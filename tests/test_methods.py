@@ -1,5 +1,6 @@
 """The four kernels against float64 computations of the paper's formulas (eqs. 11–14),
-and the invariants of DESIGN.md, through mergekit's Python API."""
+and the invariants the README states for them (section "The methods"), through mergekit's
+Python API."""
 
 from __future__ import annotations
 
@@ -184,6 +185,41 @@ def test_cclip_zero_task_vector_is_not_divided_by() -> None:
     merged = merge([base, base.clone(), task], "cclip", rho=0.1, norm=[0.0, 4.0])
     expected = base.double() + (task.double() - base.double()) * (0.1 / 4.0)
     close(merged, expected)
+
+
+# ---- past the block size: every method, bf16 and fp32 inputs ------------------------------
+
+LONG = 2 * BLOCK + 4099  # three blocks on the CPU, the last one partial
+
+
+def long_case(method: str, count: int, dtype: torch.dtype):
+    """(merged, float64 formula) for ``count`` task models of ``LONG`` elements."""
+    tensors = make_inputs(count, seed=140 + count, dtype=dtype, shape=(LONG,))
+    if method == "fednova":
+        steps, rates = [100 * (t + 1) for t in range(count)], [1e-5 * (10 if t == 0 else 1) for t in range(count)]
+        return merge(tensors, method, **{"lambda": 0.7}, steps=steps, learning_rate=rates), ref_fednova(tensors, 0.7, steps, rates)
+    if method == "fedgma":
+        return merge(tensors, method, **{"lambda": 0.7}, rho=0.6), ref_fedgma(tensors, 0.7, 0.6)
+    if method == "median":
+        return merge(tensors, method, **{"lambda": 0.7}), ref_median(tensors, 0.7)
+    norms = [float(torch.linalg.vector_norm(tau)) for tau in task_vectors64(tensors)]
+    rho = sorted(norms)[count // 2]  # clips the larger task vectors only
+    return merge(tensors, method, **{"lambda": 0.7}, rho=rho, norm=norms), ref_cclip(tensors, 0.7, rho)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("count", [2, 3, 4])
+@pytest.mark.parametrize("method", ["fednova", "fedgma", "median", "cclip"])
+def test_kernels_match_the_formula_past_the_block_size(method: str, count: int, dtype: torch.dtype) -> None:
+    """The merged tensor, cast to the input dtype, against the float64 formula cast the same
+    way: within one rounding of that dtype (bf16: 2^-7 relative; the kernel computes in
+    float32 and rounds once, the reference rounds once from float64) plus float32's own
+    error on these magnitudes (|result| < 25: 1e-5)."""
+    assert LONG > BLOCK and LONG % BLOCK
+    merged, expected = long_case(method, count, dtype)
+    assert merged.dtype == dtype and merged.shape == (LONG,)
+    rtol = {torch.bfloat16: 2**-7, torch.float32: 2e-6}[dtype]
+    torch.testing.assert_close(merged.double(), expected.to(dtype).double(), rtol=rtol, atol=1e-5)
 
 
 # ---- dtype and device handling -----------------------------------------------------------
