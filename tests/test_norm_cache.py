@@ -10,8 +10,6 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import List
@@ -30,8 +28,7 @@ from fedmerge_plugins.norms import cache as norm_cache
 from fedmerge_plugins.norms import streaming as norms
 from fedmerge_plugins.norms.cache import NormCache
 from tests.support.synthetic import Family, make_family, task_tensors
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.writers import write_at_once
 
 
 @pytest.fixture(scope="module")
@@ -276,14 +273,7 @@ for j in range(int(sys.argv[3])):
 
 def test_concurrent_writers_lose_no_entry(tmp_path: Path) -> None:
     path = tmp_path / "norms.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    writers = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(path), name, "150"], env=env, stderr=subprocess.PIPE, text=True)
-        for name in ("a", "b")
-    ]
-    errors = [w.communicate(timeout=300)[1] for w in writers]
-    assert [w.returncode for w in writers] == [0, 0], errors
-    assert errors == ["", ""]  # no warning: every put got the lock
+    write_at_once(WRITER, path, 150)  # no warning: every put got the lock
     entries = json.loads(path.read_text())
     assert len(entries) == 300
     assert entries == {f"{n}-{j}": {"norm": float(j), "writer": n} for n in ("a", "b") for j in range(150)}

@@ -9,8 +9,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -20,9 +18,7 @@ import pytest
 from fedmerge_plugins.clip.cache import finetuned_store
 from fedmerge_plugins.methods import training_record
 from fedmerge_plugins.store import digest, file_identity
-
-REPO = Path(__file__).resolve().parents[1]
-
+from tests.support.writers import write_at_once
 
 def temporary_files(directory: Path):
     return sorted(p.name for p in directory.rglob("*") if p.name.endswith(".tmp"))
@@ -53,14 +49,7 @@ for j in range(int(sys.argv[3])):  # a store a put, as short CLIP runs one after
 
 
 def test_two_processes_writing_the_clip_cache_lose_no_entry(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    writers = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), name, "150"], env=env, stderr=subprocess.PIPE, text=True)
-        for name in ("a", "b")
-    ]
-    errors = [w.communicate(timeout=300)[1] for w in writers]
-    assert [w.returncode for w in writers] == [0, 0], errors
-    assert errors == ["", ""]  # no warning: every put got the lock
+    write_at_once(WRITER, tmp_path, 150)  # no warning: every put got the lock
     entries = json.loads((tmp_path / "finetuned.json").read_text())
     assert entries == {f"{n}-{j}": {"accuracy": j / 1000, "writer": n} for n in ("a", "b") for j in range(150)}
     assert temporary_files(tmp_path) == []
