@@ -111,3 +111,51 @@ def test_the_cli_scan_sees_imports_in_functions(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    from fedmerge_plugins.cli import one_line_errors\n\nfrom fedmerge_plugins.sweep import cli\n")
     assert sorted(module for _, module in imported_modules(sample) if is_cli(module)) == ["fedmerge_plugins.cli", "fedmerge_plugins.sweep.cli"]
+
+
+# The README's "Where things are", lowest first: a unit imports only from its own layer and
+# the layers before it (at module level or in a function). Not checked: the package's own
+# __init__ (the autoload's entry, which wires in guards/) and the CLI modules (the top).
+LAYERS = [
+    {"errors", "numerics", "store", "catalogue"},
+    {"norms"},
+    {"methods"},
+    {"guards"},
+    {"search"},
+    {"evaluation"},
+    {"diagnostics"},
+    {"clip"},
+    {"sweep"},
+    {"demo"},
+]
+RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
+
+
+def unit_of(module: str) -> Optional[str]:
+    """The layer unit (a subpackage or a top-level module) of a fedmerge module; None for the
+    package itself and for names that are not modules."""
+    parts = module.split(".")
+    if parts[0] != "fedmerge_plugins" or len(parts) == 1:
+        return None
+    return parts[1] if parts[1] in RANK or parts[1] == "cli" else None
+
+
+def upward_imports(path: Path) -> List[str]:
+    own = unit_of(module_name(path))
+    return [
+        f"{path.relative_to(PACKAGE.parent)}:{line} imports {module} (layer {RANK[unit]} > {RANK[own]})"
+        for line, module in imported_modules(path)
+        if not is_cli(module) and (unit := unit_of(module)) is not None and unit in RANK and RANK[unit] > RANK[own]
+    ]
+
+
+def test_every_unit_of_the_package_has_a_layer() -> None:
+    units = {unit_of(m) or m for m in MODULES if m != "fedmerge_plugins" and not is_cli(m)}
+    assert units == set(RANK)
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in LIBRARY if module_name(p) != "fedmerge_plugins"], ids=lambda p: str(p.relative_to(PACKAGE.parent))
+)
+def test_no_module_imports_from_a_higher_layer(path: Path) -> None:
+    assert upward_imports(path) == []

@@ -34,9 +34,9 @@ from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 from tqdm.auto import tqdm
 
 from fedmerge_plugins.errors import NonFiniteError
-from fedmerge_plugins.methods.common import compute_dtype
 from fedmerge_plugins.norms import cache as norm_cache
 from fedmerge_plugins.norms.cache import NormCache, cache_keys
+from fedmerge_plugins.numerics import compute_dtype
 
 LOG = logging.getLogger(__name__)
 _PASS_LOCK = threading.Lock()  # mergekit may run tasks in threads: one norm pass at a time
