@@ -102,3 +102,15 @@ def test_a_cp_p_rewrite_of_a_training_log_is_read_again(tmp_path: Path) -> None:
     after = log.stat()
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)  # what an (mtime, size) key sees
     assert training_record.effective_steps({"training_log": str(run)}).value == 10 * Fraction(0.3)
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_the_store_file_follows_the_umask(umask: int, mode: int, tmp_path: Path) -> None:
+    """As every other file fedmerge and mergekit write (a temporary file from mkstemp would be
+    0600 whatever the umask: teammates could not read a shared cache)."""
+    previous = os.umask(umask)
+    try:
+        finetuned_store(tmp_path).put("k", {"accuracy": 0.5})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "finetuned.json").stat().st_mode & 0o777 == mode
