@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from fedmerge_plugins.clip.cache import KEY_LENGTH, source_identity
-from fedmerge_plugins.store import digest
 from fedmerge_plugins.clip.tasks import FOLDER_ALIASES, TaskText, shipped, task_text
+from fedmerge_plugins.store import digest
 
 SPLIT_ALIASES: Dict[str, Tuple[str, ...]] = {
     "train": ("train",),

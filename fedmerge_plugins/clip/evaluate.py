@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from fedmerge_plugins.clip import data as clip_data
 from fedmerge_plugins.clip.cache import KEY_LENGTH, clip_cache_dir, finetuned_store, source_identity
-from fedmerge_plugins.store import digest
 from fedmerge_plugins.clip.heads import cached_head
 from fedmerge_plugins.clip.models import (
     StateDict,
@@ -33,6 +32,7 @@ from fedmerge_plugins.clip.models import (
     tower_state_dict,
 )
 from fedmerge_plugins.search.normalized import normalized_accuracy
+from fedmerge_plugins.store import digest
 
 FINETUNED_VERSION = 1
 

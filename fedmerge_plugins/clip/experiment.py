@@ -37,7 +37,6 @@ import torch
 from fedmerge_plugins.search import grids
 from fedmerge_plugins.catalogue import SEARCH_METHODS
 from fedmerge_plugins.clip.cache import KEY_LENGTH, source_identity
-from fedmerge_plugins.store import digest
 from fedmerge_plugins.clip.evaluate import Session, normalized
 from fedmerge_plugins.errors import FedmergeError
 from fedmerge_plugins.search.engine import (
@@ -51,6 +50,7 @@ from fedmerge_plugins.search.engine import (
     run_search,
 )
 from fedmerge_plugins.search.workers import WorkerSettings, call, run_units
+from fedmerge_plugins.store import digest
 
 METHODS: Tuple[str, ...] = SEARCH_METHODS
 Params = Dict[str, float]

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from fedmerge_plugins.clip.cache import KEY_LENGTH, source_identity
-from fedmerge_plugins.store import digest
 from fedmerge_plugins.clip.tasks import TaskText
+from fedmerge_plugins.store import digest
 
 HEAD_VERSION = 1
 

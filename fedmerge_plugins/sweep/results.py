@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
-from fedmerge_plugins.store import digest
 from fedmerge_plugins.search.engine import Point
+from fedmerge_plugins.store import digest
 
 
 def fingerprint(recipe: Dict[str, Any], swept: Sequence[str], evaluator: str, reference: Optional[Dict[str, float]]) -> str:
