@@ -89,10 +89,7 @@ def test_norms_are_cclips_numbers_and_shared_through_the_cache(family: Family, t
     base = ModelReference.parse(str(family.base))
     models = refs(family, 3)
     independent = NormCache(tmp_path / "independent.json")
-    streamed = [  # one model per pass, as before the joint pass
-        norms.checkpoint_norms(norms.model_index(base), [norms.model_index(m)], labels=[str(m)], cache=independent)[0]
-        for m in models
-    ]
+    streamed = [norms.reference_norms(base, [m], cache=independent)[0] for m in models]  # one model per pass
     stats = collect_stats(base, models)
     assert stats.norms == streamed  # bit for bit: the same sum in the same order
     assert stats.norms_cached == [False] * 3

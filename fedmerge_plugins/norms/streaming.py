@@ -188,7 +188,7 @@ def loader_norms(
     cache: Optional[NormCache] = None,
 ) -> List[float]:
     """The global norms of ``models`` against ``base``, through loaders the caller holds
-    (fresh ones from ``checkpoint_norms``, or a sweep's in-memory copies): the same cache
+    (fresh ones from ``reference_norms``, or a sweep's in-memory copies): the same cache
     keys and the same streaming sums, hence the same numbers."""
 
     def compute(missing: List[int]) -> List[float]:
@@ -202,19 +202,6 @@ def loader_norms(
             "fedmerge: task-vector norm of %s = %.6g (%s)", label, norm, "cached" if was_cached else "computed",
         )
     return norms
-
-
-def checkpoint_norms(
-    base: ShardedTensorIndex,
-    models: Sequence[ShardedTensorIndex],
-    *,
-    labels: Sequence[str],
-    device: torch.device | str = "cpu",
-    cache: Optional[NormCache] = None,
-) -> List[float]:
-    """``loader_norms`` over the checkpoints on disk (their files are closed afterwards)."""
-    with checkpoint_loaders([base, *models]) as loaders:
-        return loader_norms(loaders[0], loaders[1:], labels=labels, device=device, cache=cache)
 
 
 @contextlib.contextmanager
@@ -246,9 +233,8 @@ def reference_norms(
                 f"cclip: no task-vector norm for model {model!r}: outside a mergekit recipe pass the "
                 "per-model parameter `norm` (fedmerge_plugins.norms.streaming.state_dict_norms computes it)"
             )
-    return checkpoint_norms(
-        model_index(base), [model_index(m) for m in models], labels=[str(m) for m in models], device=device, cache=cache
-    )
+    with checkpoint_loaders([model_index(base), *(model_index(m) for m in models)]) as loaders:
+        return loader_norms(loaders[0], loaders[1:], labels=[str(m) for m in models], device=device, cache=cache)
 
 
 def state_dict_norms(
