@@ -13,10 +13,10 @@ import hashlib
 import json
 import os
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from fedmerge_plugins.files import write_atomic
 from fedmerge_plugins.norms.cache import cache_dir, file_identity
 
 LOG = logging.getLogger(__name__)
@@ -72,16 +72,10 @@ class JsonStore:
     def put(self, key: str, value: Any) -> None:
         self._memory[key] = value
         entries = self.read()
-        tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as handle:
-                json.dump(entries, handle, indent=1)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(entries, indent=1))
         except OSError as error:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
             if not self._warned:
                 self._warned = True
                 LOG.warning("fedmerge: cache %s not updated (%s); the value is kept in this process only", self.path, error.strerror or error)

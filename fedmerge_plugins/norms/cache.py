@@ -30,11 +30,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
+
+from fedmerge_plugins.files import write_atomic
 
 if TYPE_CHECKING:  # this module imports neither torch nor mergekit
     from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
@@ -237,18 +238,10 @@ class NormCache:
 
 
 def _replace(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path`` and move it over ``path``."""
+    """Replace ``path`` by ``text`` atomically (``files.write_atomic``)."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        write_atomic(path, text)
     except OSError as error:
-        raise CacheProblem(f"cannot write in {path.parent} ({_reason(error)})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise CacheProblem(f"cannot replace it ({_reason(error)})") from None
 
 

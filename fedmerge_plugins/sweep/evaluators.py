@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import json
 import math
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence
 
@@ -75,15 +76,36 @@ class PythonEvaluator:
                 module_spec.loader.exec_module(module)
             else:
                 module = importlib.import_module(target)
-            function = getattr(module, name)
-        except (ImportError, AttributeError, OSError) as error:
+        except (ImportError, OSError) as error:
             raise SweepError(f"--eval {spec!r}: {error}") from None
+        except Exception as error:  # the evaluator's own code failed on import: a syntax error, an exception
+            raise SweepError(f"--eval {spec!r}: importing it raised {raised(error)}") from error
+        function = getattr(module, name, None)
+        if function is None:
+            raise SweepError(f"--eval {spec!r}: module {target} has no attribute {name!r}")
         if not callable(function):
             raise SweepError(f"--eval {spec!r}: {name} is not callable")
         return function
 
     def evaluate(self, model_dir: Path) -> Scores:
-        return _as_scores(self.function(str(model_dir)), self.description)
+        try:
+            value = self.function(str(model_dir))
+        except Exception as error:  # the evaluator's own failure: named, the traceback under -v
+            raise SweepError(f"evaluator {self.description} raised {raised(error)}") from error
+        return _as_scores(value, self.description)
+
+
+def raised(error: BaseException) -> str:
+    """``TYPE: message (FILE, line N)`` of an exception raised by a user's evaluator code:
+    the innermost frame, or a syntax error's own place."""
+    where = ""
+    if isinstance(error, SyntaxError) and error.filename:
+        where = f" ({error.filename}, line {error.lineno})"
+    elif error.__traceback__ is not None:
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        where = f" ({frame.filename}, line {frame.lineno})"
+    message = error.msg if isinstance(error, SyntaxError) else str(error)
+    return f"{type(error).__name__}: {message}{where}" if message else f"{type(error).__name__}{where}"
 
 
 class LmEvalEvaluator:
