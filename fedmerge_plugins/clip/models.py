@@ -20,6 +20,8 @@ from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 
+from fedmerge_plugins.errors import InputError
+
 StateDict = Dict[str, torch.Tensor]
 
 
@@ -48,7 +50,7 @@ def load_clip(source: str, device: str = "cpu"):
         try:
             model = CLIPModel.from_pretrained(source, dtype=torch.float32)
         except (OSError, ValueError) as error:
-            raise ValueError(f"base CLIP model {source}: cannot load it as a CLIPModel: {error}") from None
+            raise InputError(f"base CLIP model {source}: cannot load it as a CLIPModel: {error}") from None
     return model.to(device).eval()
 
 
@@ -79,10 +81,10 @@ def tower_state_dict(source: str, reference: Optional[Mapping[str, torch.Tensor]
         try:
             model, info = CLIPVisionModel.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
         except (OSError, ValueError) as error:
-            raise ValueError(f"vision tower {name} ({source}): cannot load it: {error}") from None
+            raise InputError(f"vision tower {name} ({source}): cannot load it: {error}") from None
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
-        raise ValueError(f"vision tower {name} ({source}): the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        raise InputError(f"vision tower {name} ({source}): the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     tower = getattr(model, "vision_model", model)
     state = {key: tensor.detach().to(device) for key, tensor in tower.state_dict().items()}
     if reference is not None:
@@ -94,10 +96,10 @@ def check_compatible(state: Mapping[str, torch.Tensor], reference: Mapping[str, 
     missing = sorted(set(reference) - set(state))
     extra = sorted(set(state) - set(reference))
     if missing or extra:
-        raise ValueError(f"vision tower {label}: tensors differ from the base tower's (missing {missing[:3]}, extra {extra[:3]})")
+        raise InputError(f"vision tower {label}: tensors differ from the base tower's (missing {missing[:3]}, extra {extra[:3]})")
     for key, tensor in reference.items():
         if state[key].shape != tensor.shape:
-            raise ValueError(
+            raise InputError(
                 f"vision tower {label}: tensor {key} has shape {tuple(state[key].shape)}, the base {tuple(tensor.shape)}"
             )
 
