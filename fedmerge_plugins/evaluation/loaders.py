@@ -95,7 +95,7 @@ def normalize_record(short: str, record: Mapping[str, Any], where: str) -> Recor
             _require(record, ("task_id", "text", "test_list"), where)
             tests = record["test_list"]
             if not isinstance(tests, list) or not tests or not all(isinstance(test, str) for test in tests):
-                raise ValueError("test_list must be a non-empty list of assert statements")
+                raise DataError("test_list must be a non-empty list of assert statements")
             return {
                 "task_id": str(record["task_id"]),
                 "text": record["text"],

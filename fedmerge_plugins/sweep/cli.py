@@ -101,7 +101,7 @@ def sweep_command(
     settings = worker_settings(workers, ray_address, gpus_per_worker)
     settings.check()  # Ray missing: one line, before torch or mergekit is even imported
     from fedmerge_plugins.clip.sources import SourceError
-    from fedmerge_plugins.evaluation.cli import backend_from_options
+    from fedmerge_plugins.evaluation.cli import announce_sandbox, backend_from_options
     from fedmerge_plugins.files import folder_lock
     from fedmerge_plugins.sweep.evaluators import load_reference, make_evaluator
     from fedmerge_plugins.sweep.run import run_sweep
@@ -127,6 +127,8 @@ def sweep_command(
     except SourceError as error:
         hint = "--models-dir" if error.field == "models_dir" else "--finetuned"
         raise click.BadParameter(str(error), param_hint=hint) from None
+    if eval_spec == "lm-eval":
+        announce_sandbox(evaluator.tasks, allow_code_execution)
     with folder_lock(out, "fedmerge sweep"):
         run_sweep(
             recipe,

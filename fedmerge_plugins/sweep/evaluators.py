@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence
 
+from fedmerge_plugins.errors import FedmergeError
 from fedmerge_plugins.sweep.errors import SweepError
 
 Scores = Dict[str, float]
@@ -127,7 +128,7 @@ class LmEvalEvaluator:
             check_request(self.tasks, **checked)
         except BackendError as error:
             raise SweepError(f"--eval lm-eval: {error}") from None
-        except (ValueError, FileNotFoundError) as error:
+        except FedmergeError as error:  # a task, split, data file or sandbox the request cannot have
             hint = " (pass --validation-fraction, or --split test)" if "validation fraction" in str(error) else ""
             raise SweepError(f"--eval lm-eval: {error}{hint}") from None
         shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(options.items()) if k not in ("device", "backend")}
@@ -184,7 +185,7 @@ class ClipEvaluator:
             self._session = Session(progress=False, **self.session_options)
         try:
             result = evaluate_tower(self._session, str(model_dir), self.tasks, self.finetuned, self.split)
-        except ValueError as error:
+        except FedmergeError as error:
             raise SweepError(f"CLIP evaluation of {model_dir}: {error}") from None
         return _as_scores({task: row["normalized_accuracy"] for task, row in result.items()}, "clip")
 
