@@ -85,11 +85,13 @@ def clip_rho_grid(norms: Sequence[float], count: int = CCLIP_RHO_COUNT) -> List[
     return values
 
 
-def check_finite(values: Sequence[float]) -> None:
-    """Refuse an infinite or NaN value (``1e309`` reads as inf)."""
-    for value in values:
-        if not math.isfinite(value):
-            raise GridError(f"grid value {value!r} is not a finite number" + (" (beyond the float range)" if math.isinf(value) else ""))
+def check_finite(values: Sequence[float], texts: Optional[Sequence[str]] = None) -> None:
+    """Refuse an infinite or NaN value (``1e309`` reads as inf), named as written."""
+    for value, text in zip(values, texts or [repr(v) for v in values]):
+        if math.isinf(value):
+            raise GridError(f"grid value {text.strip()!r} is beyond the float range")
+        if math.isnan(value):
+            raise GridError(f"grid value {text.strip()!r} is not a number")
 
 
 def parse_grid(text: str, limit: Optional[int] = MAX_POINTS) -> List[float]:
@@ -103,12 +105,12 @@ def parse_grid(text: str, limit: Optional[int] = MAX_POINTS) -> List[float]:
         values = [float(p) for p in parts]
     except ValueError:
         raise GridError(f"cannot read the grid {text!r}: give `a,b,c` or `start:stop:step`") from None
+    check_finite(values, parts)
     if ":" in text:
         if len(values) != 3:
             raise GridError(f"cannot read the grid {text!r}: give `start:stop:step`, three numbers")
         return arange_inclusive(*values, limit=limit)
     if not values:
         raise GridError(f"the grid {text!r} is empty")
-    check_finite(values)
     check_size(len(values), limit, f"the grid {text!r}")
     return values
