@@ -51,7 +51,8 @@ def score(model_dir):
         from pathlib import Path
         fill(Path(os.environ["FILL"]))
     merged = load_file(os.path.join(model_dir, "model.safetensors"))
-    return {"sum": float(sum(t.double().sum() for t in merged.values()))}
+    padding = {f"constant_{i:04d}": 1.0 for i in range(int(os.environ.get("PAD", "0")))}  # a long log line
+    return {"sum": float(sum(t.double().sum() for t in merged.values())), **padding}
 '''
 
 
@@ -203,10 +204,12 @@ def test_write_output_on_a_full_disk_keeps_the_previous_file(tmp_path: Path) -> 
 
 
 def test_sweep_with_a_full_out_keeps_the_points_scored(family: Family, evaluator: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The evaluator fills --out while scoring the second point: its line cannot be
-    written; the first point's is kept, whole; no winner, no lock file left."""
+    """The evaluator fills --out while scoring the second point: its line (longer than a
+    page: it needs room) cannot be written; the first point's is kept, whole; no winner,
+    no lock file left; the sweep resumes once there is room."""
     recipe = write_recipe(family, tmp_path / "median.yml")
     monkeypatch.setenv("FEDMERGE_SCRATCH_DIR", str(tmp_path))  # merges elsewhere: only the log fills OUT
+    monkeypatch.setenv("PAD", "300")
     with tmpfs(tmp_path / "out", "4m") as out:
         monkeypatch.setenv("FILL_AT", "2")
         monkeypatch.setenv("FILL", str(out))
@@ -221,11 +224,25 @@ def test_sweep_with_a_full_out_keeps_the_points_scored(family: Family, evaluator
         assert len((tmp_path / "calls.log").read_text().split()) == 4  # point 0 was not scored again
 
 
+def test_winner_on_a_full_disk_is_one_line_and_no_empty_file(family: Family, evaluator: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills while the last point is scored: its short line still fits the log's
+    last page, winner.yml does not: no winner.yml (never an empty one), every result kept."""
+    recipe = write_recipe(family, tmp_path / "median.yml")
+    monkeypatch.setenv("FEDMERGE_SCRATCH_DIR", str(tmp_path))
+    with tmpfs(tmp_path / "out", "4m") as out:
+        monkeypatch.setenv("FILL_AT", "3")
+        monkeypatch.setenv("FILL", str(out))
+        line = one_line(sweep(recipe, out, evaluator, "--lambda", "0.5,1.0,1.5"))
+        assert line == f"cannot write {out / 'winner.yml'}: No space left on device"
+        assert sorted(r["index"] for r in records(out)) == [0, 1, 2]
+        assert sorted(p.name for p in out.iterdir()) == ["filler", "results.jsonl"]
+
+
 def test_sweep_with_a_read_only_or_full_out_is_refused_and_keeps_its_results(family: Family, evaluator: str, tmp_path: Path) -> None:
     recipe = write_recipe(family, tmp_path / "median.yml")
     with tmpfs(tmp_path / "out", "4m") as out:
         assert sweep(recipe, out, evaluator, "--lambda", "0.5").exit_code == 0
-        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
         fill(out)
         line = one_line(sweep(recipe, out, evaluator, "--lambda", "0.5,1.0"))
         assert line == f"cannot write {out / LOCK_NAME}: No space left on device"
@@ -233,7 +250,7 @@ def test_sweep_with_a_read_only_or_full_out_is_refused_and_keeps_its_results(fam
         read_only(out)
         line = one_line(sweep(recipe, out, evaluator, "--lambda", "0.5,1.0"))
         assert line == f"cannot write {out / LOCK_NAME}: Read-only file system"
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_sweep_with_a_full_scratch_folder_names_it_and_the_point(family: Family, evaluator: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -264,7 +281,7 @@ def test_inspect_outputs_are_checked_before_the_pass(family: Family, tmp_path: P
     monkeypatch.setattr(report, "build_report", counted)
     created = tmp_path / "new" / "folder" / "report.json"
     assert invoke("inspect", str(recipe), "--json", str(created)).exit_code == 0  # --json makes its folder, as --plot does
-    assert json.loads(created.read_text())["method"] == "median" and len(passes) == 1
+    assert json.loads(created.read_text())["merge_method"] == "median" and len(passes) == 1
     with tmpfs(tmp_path / "disk", "256k") as disk:
         (disk / "report.json").write_text("previous\n")
         fill(disk)
@@ -313,6 +330,7 @@ def test_an_evaluator_that_raises_is_named_with_the_grid_point(family: Family, e
         rf"grid point lambda=1: evaluator {re.escape(evaluator)} raised KeyError: 'no such score' \({re.escape(module)}, line \d+\)", line
     ), line
     assert [r["index"] for r in records(out)] == [0]  # the earlier point is kept
+    monkeypatch.setenv("RAISE_AT", "3")  # the next call
     verbose = sweep(recipe, out, evaluator, "--lambda", "0.5,1.0,1.5", "-v")  # -v: the traceback, down to the evaluator's
     assert isinstance(verbose.exception, FedmergeError) and isinstance(verbose.exception.__cause__.__cause__, KeyError)
 
