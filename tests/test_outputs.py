@@ -429,3 +429,29 @@ def test_one_line_for_ours_a_traceback_for_a_bug(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(summary, "table1", broken)
     result = invoke("clip", "summary", str(out))
     assert isinstance(result.exception, KeyError) and "Error:" not in result.output
+
+
+# ---- item 9: clip experiment on a full --out or --cache-dir ---------------------------
+
+
+def test_clip_experiment_on_a_full_out_or_cache_dir_is_one_line(tmp_path: Path) -> None:
+    from tests.support.clip_synthetic import build_world
+    from tests.test_clip_experiment import experiment_args
+
+    world = build_world(tmp_path / "world")
+
+    def arguments(out: Path, cache: Path) -> List[str]:
+        args = experiment_args(world, tmp_path / "run")  # writes its training file beside tmp_path/run
+        args[args.index("--out") + 1] = str(out)
+        return ["clip", *args, "--cache-dir", str(cache)]
+
+    with tmpfs(tmp_path / "disk", "256k") as disk:
+        fill(disk)
+        line = one_line(invoke(*arguments(disk / "run", tmp_path / "cache")))
+        assert line == f"cannot write {disk / 'run' / LOCK_NAME}: No space left on device"
+        assert not (disk / "run").exists()  # the folder it made is removed again
+    with tmpfs(tmp_path / "cache", "64k") as cache:
+        fill(cache)
+        line = one_line(invoke(*arguments(tmp_path / "run", cache)))
+        assert re.fullmatch(rf"cannot write the [a-z -]+ cache in {re.escape(str(cache))}/\w+: No space left on device", line), line
+        assert [p.name for p in cache.iterdir() if p.is_file()] == ["filler"]  # no partial cache file

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from fedmerge_plugins.errors import DataError, PathError
+from fedmerge_plugins.files import write_output
 from fedmerge_plugins.evaluation.backends import Backend
 from fedmerge_plugins.evaluation.loaders import check_split, local_path
 from fedmerge_plugins.evaluation.sandbox import require_isolation
@@ -219,15 +220,13 @@ def write_results(result: EvalResult, output_dir: "str | Path") -> Path:
     from lm_eval.utils import handle_non_serializable
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     summary = {key: value for key, value in result.raw.items() if key != "samples"}
     summary["fedmerge_scores"] = result.scores
     path = output_dir / "results.json"
-    path.write_text(json.dumps(summary, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    write_output(path, json.dumps(summary, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
     for task_name, samples in result.raw.get("samples", {}).items():
-        with open(output_dir / f"samples_{task_name}.jsonl", "w", encoding="utf-8") as handle:
-            for sample in samples:
-                handle.write(json.dumps(sample, default=handle_non_serializable, ensure_ascii=False) + "\n")
+        lines = (json.dumps(sample, default=handle_non_serializable, ensure_ascii=False) + "\n" for sample in samples)
+        write_output(output_dir / f"samples_{task_name}.jsonl", "".join(lines))
     return path
 
 

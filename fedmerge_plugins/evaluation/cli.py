@@ -166,6 +166,11 @@ def eval_command(
         batch_size=batch_size,
         dtype=dtype,
     )
+    from fedmerge_plugins.files import check_writable
+
+    for target in (output / "results.json" if output is not None else None, alpaca_eval_outputs):
+        if target is not None:
+            check_writable(target)  # a read-only or full place: refused before the evaluation
     announce_sandbox(names, allow_code_execution)
     result = evaluate_model(
         model_dir,

@@ -14,11 +14,12 @@ from fedmerge_plugins.evaluation.cli import backend_options
 def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[int]:
     if value is None:
         return None
+    from fedmerge_plugins.sweep.errors import SweepError
     from fedmerge_plugins.sweep.memory import parse_size
 
     try:
         return parse_size(value)
-    except ValueError as error:
+    except SweepError as error:
         raise click.BadParameter(str(error)) from None
 
 

@@ -23,9 +23,12 @@ UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB"
 def parse_size(text: str) -> int:
     """'24GB', '512MiB', '1e9' -> bytes."""
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in UNITS:
-        raise ValueError(f"not a memory size: {text!r} (e.g. 24GB, 512MiB)")
-    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+    try:
+        if not match or match.group(2).upper() not in UNITS:
+            raise ValueError
+        return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+    except (ValueError, OverflowError):
+        raise SweepError(f"not a memory size: {text!r} (e.g. 24GB, 512MiB)") from None
 
 
 def human(size: float) -> str:
