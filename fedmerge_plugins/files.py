@@ -70,16 +70,26 @@ def write_output(path: PathLike, data: Union[str, bytes]) -> None:
 
 
 def check_writable(path: PathLike) -> None:
-    """Refuse, before any long work, an output ``path`` that cannot be written: its folder
-    is created and one byte written and removed beside it (a read-only or full file system,
-    a file where a folder should be); a ``PathError`` naming ``path``."""
+    """Refuse, before any long work, an output ``path`` that cannot be written (a read-only
+    or full file system, a folder where the file should be): a ``PathError`` naming it.
+    One byte is written and removed in its folder, or in the nearest folder above that
+    exists; nothing is left behind, no folder created."""
+    path = Path(path)
     with user_path(path):
-        folder = Path(path).parent
-        folder.mkdir(parents=True, exist_ok=True)
-        if Path(path).is_dir():
+        if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        write_atomic(folder / f".{Path(path).name}.probe", b"\n")
-        os.unlink(folder / f".{Path(path).name}.probe")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent  # the missing folders are made when the file is written
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+        probe = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.probe"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            os.write(fd, b"\n")  # a full disk refuses the byte
+        finally:
+            os.close(fd)
+            os.unlink(probe)
 
 
 LOCK_NAME = ".fedmerge.lock"

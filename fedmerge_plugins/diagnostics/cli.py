@@ -26,14 +26,14 @@ def inspect_command(recipe: Path, json_path: Optional[str], plot_path: Optional[
     Also: outliers (norm over 3x or under 1/3 of the median norm), which FedGMA ρ
     values change the mask, the paper's CCLIP ρ grid and, for fednova recipes, the
     weights w_t and χ²(p‖w) of section 4.2. Norms are CCLIP's own, from and into its cache.
-    The --json and --plot files are checked (folders created) before the pass.
+    The --json and --plot paths are checked before the pass; their folders are created.
     """
     from fedmerge_plugins.diagnostics.report import build_report, format_report, report_json
     from fedmerge_plugins.files import check_writable, write_output
 
     for path in (json_path if json_path != "-" else None, plot_path):
         if path:
-            check_writable(path)  # a missing folder is created; read-only or full: refused now
+            check_writable(path)  # read-only or full: refused now, not after the pass
     report = build_report(recipe, device=device)
     if json_path == "-":
         click.echo(json.dumps(report_json(report), indent=1))
