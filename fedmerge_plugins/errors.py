@@ -3,10 +3,11 @@
 Library modules raise a subclass of ``FedmergeError`` whose message is one line naming the
 model, tensor, file or key at fault; none of them is also a ``ValueError``, ``OSError`` or
 ``RuntimeError``, so an ``except ValueError`` elsewhere never swallows one, and a genuine
-bug (a ``KeyError``, a ``TypeError``) is never taken for one. The ``fedmerge`` command turns
-them into one line once, for every sub-command (``cli.LazyGroup``); the hook that runs
-inside mergekit's own ``mergekit-yaml`` does the same under a click context. Anything else
-keeps its traceback.
+bug (a ``KeyError``, a ``TypeError``) is never taken for one. Each ``fedmerge`` command
+turns them into one line in one place, its ``cli.error_boundary`` decorator; the hook that
+runs inside mergekit's own ``mergekit-yaml`` does the same under a click context. Anything
+else keeps its traceback. An ``OSError`` on a path the user gave becomes a ``PathError``
+naming it where the library meets that path (``files.user_path``).
 """
 
 from __future__ import annotations
