@@ -192,7 +192,7 @@ def eval_command(merged: str, base, data_dir, tasks_text, models, models_dir, de
 @click.option("--lambdas", help="λ grid, `a,b,c` or `start:stop:step` [default: 0.05:2.0:0.05].")
 @click.option("--rhos", help="FedGMA ρ grid [default: 0.1:1.0:0.1].")
 @click.option("--cclip-count", default=5, show_default=True, type=click.IntRange(1), help="CCLIP ρ values from min norm (included) to max norm (excluded).")
-@click.option("--training", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="YAML `task: {steps, learning_rate}` for FedNova, e.g. configs/clip/training-tanganke.yml.")
+@click.option("--training", type=ExistingPath(dir_okay=False, path_type=Path), help="YAML `task: {steps, learning_rate}` for FedNova, e.g. configs/clip/training-tanganke.yml.")
 @click.option("--min-size", default=2, show_default=True, type=click.IntRange(1), help="Smallest subset merged.")
 @click.option("--progress/--no-progress", default=True)
 @worker_options

@@ -44,7 +44,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
 @click.option("--clip-base", default=None, help="CLIP: base CLIPModel (text encoder, heads, processor) [default: openai/clip-vit-base-patch32].")
 @click.option("--finetuned", multiple=True, metavar="TASK=SRC", help="CLIP: fine-tuned vision tower of a task, for normalized accuracy (repeatable).")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="CLIP: folder with one fine-tuned tower per task (<dir>/<task>).")
-@click.option("--reference-scores", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+@click.option("--reference-scores", type=ExistingPath(dir_okay=False, path_type=Path), default=None,
               help="JSON {task: score} of the fine-tuned models: select by mean normalized score (score / reference).")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep-out"), show_default=True,
               help="Directory for results.jsonl, winner.yml and the merges in progress.")
