@@ -20,7 +20,8 @@ from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 
-from fedmerge_plugins.errors import InputError
+from fedmerge_plugins.errors import InputError, PathError
+from fedmerge_plugins.files import path_error
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -113,10 +114,17 @@ def save_tower(state: Mapping[str, torch.Tensor], vision_config, out: Path) -> N
     """Write ``state`` as a ``CLIPVisionModel`` checkpoint (safetensors) in the current layout."""
     from transformers import CLIPVisionModel
 
+    from safetensors import SafetensorError
+
     with quiet_transformers():
         model = CLIPVisionModel(vision_config)
         getattr(model, "vision_model", model).load_state_dict({k: v.cpu() for k, v in state.items()})
-        model.save_pretrained(str(out))
+        try:
+            model.save_pretrained(str(out))
+        except OSError as error:  # a full or read-only --out
+            raise path_error(out, error) from error
+        except SafetensorError as error:  # the same, from the safetensors writer
+            raise PathError(f"cannot write {out}: {error}") from error
 
 
 def export_towers(base: str, finetuned: Mapping[str, str], out: Path) -> Dict[str, Path]:
