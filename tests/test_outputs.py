@@ -13,7 +13,6 @@ import os
 import pkgutil
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -26,7 +25,7 @@ import fedmerge_plugins
 from fedmerge_plugins.cli import main
 from fedmerge_plugins.errors import FedmergeError, PathError
 from fedmerge_plugins.files import LOCK_NAME, write_output
-from fedmerge_plugins.search.engine import ResultLog, best_index
+from fedmerge_plugins.search.engine import best_index
 from tests.conftest import BIN
 from tests.support.synthetic import Family, make_family
 from tests.support.tmpfs import fill, read_only, tmpfs
