@@ -28,6 +28,20 @@ def reason(error: OSError) -> str:
     return error.strerror or str(error) or type(error).__name__
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+def write_refused(error: BaseException) -> bool:
+    """Whether ``error`` is a disk refusing a write (full, read-only, no permission): an
+    ``OSError`` with such an errno, or the safetensors writer's report of one."""
+    if isinstance(error, OSError):
+        return error.errno in WRITE_ERRNOS
+    text = str(error)
+    return type(error).__name__ == "SafetensorError" and any(
+        os.strerror(code) in text or name in text for code, name in ((errno.ENOSPC, "StorageFull"), (errno.EROFS, "ReadOnlyFilesystem"), (errno.EACCES, "PermissionDenied"))
+    )
+
+
 def path_error(path: PathLike, error: OSError, doing: str = "write") -> PathError:
     """``PathError`` "cannot DOING PATH: REASON"."""
     return PathError(f"cannot {doing} {path}: {reason(error)}")

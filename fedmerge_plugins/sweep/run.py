@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 import click
 
 from fedmerge_plugins.errors import FedmergeError
-from fedmerge_plugins.files import reason, user_path, write_output
+from fedmerge_plugins.files import reason, user_path, write_output, write_refused
 from fedmerge_plugins.search.engine import Evaluation, Point, ResultLog, SearchOutcome, expand, recipe_yaml, run_search, winner_recipe
 from fedmerge_plugins.sweep.errors import SweepError
 from fedmerge_plugins.sweep.evaluators import Evaluator, selection_score
@@ -181,8 +181,10 @@ class SweepPoint:
         try:
             try:
                 merged = merge_point(point_config(self.data, point), staging / name, self.options)
-            except (OSError, SafetensorError) as error:  # a full or read-only scratch folder
-                cause = reason(error) if isinstance(error, OSError) else str(error)
+            except (OSError, SafetensorError) as error:
+                if not write_refused(error):
+                    raise
+                cause = reason(error) if isinstance(error, OSError) else str(error)  # a full or read-only scratch folder
                 raise SweepError(f"grid point {point.label()}: cannot write its merge in {root}: {cause}") from error
             try:
                 scores = self.evaluator.evaluate(merged)
