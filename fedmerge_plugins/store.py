@@ -35,13 +35,13 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Tuple
 
 from fedmerge_plugins.errors import reason
+from fedmerge_plugins.files import write_atomic
 
 LOG = logging.getLogger(__name__)
 LOCK_TIMEOUT_S = 10.0
@@ -195,21 +195,11 @@ class JsonStore:
             os.close(fd)  # releases the lock
 
     def _replace(self, text: str) -> None:
-        """Write ``text`` to a new temporary file next to the file and move it over the file."""
-        path = self.path
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        """Replace the file by ``text`` atomically (``files.write_atomic``)."""
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any file
+            write_atomic(self.path, text)
         except OSError as error:
-            raise StoreProblem(f"cannot write in {path.parent} ({reason(error)})") from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        except OSError as error:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise StoreProblem(f"cannot replace it ({reason(error)})") from None
+            raise StoreProblem(f"cannot replace {self.path} ({reason(error)})") from None
 
     def _warn(self, message: str) -> None:
         """One warning line per store and process; later problems go to the debug log."""

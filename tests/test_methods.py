@@ -11,6 +11,7 @@ import pytest
 import torch
 from mergekit.merge_methods.api import merge_state_dicts, merge_tensors
 
+from fedmerge_plugins.errors import FedmergeError
 from fedmerge_plugins.methods.common import BLOCK
 from fedmerge_plugins.methods.fedgma import full_agreement_count
 from fedmerge_plugins.methods.fednova import fednova_coefficients
@@ -344,7 +345,7 @@ def test_non_finite_task_vector_names_model_and_tensor(method: str, parameters: 
     base, a, b = make_inputs(2, seed=130)
     b = b.clone()
     b[1, 2] = float("nan")
-    with pytest.raises(ValueError, match=r"model wizardmath has NaN or inf values in tensor w"):
+    with pytest.raises(FedmergeError, match=r"model wizardmath has NaN or inf values in tensor w"):
         merge_tensors([base, a, b], method, base_index=0, ids=["llama", "wizardlm", "wizardmath"], parameters=parameters, name="w")
 
 
@@ -355,5 +356,5 @@ def test_shape_mismatch_names_tensor() -> None:
 
 
 def test_cclip_without_norm_outside_a_recipe_asks_for_it() -> None:
-    with pytest.raises(ValueError, match=r"no task-vector norm for model 'math'.*`norm`"):
+    with pytest.raises(FedmergeError, match=r"no task-vector norm for model 'math'.*`norm`"):
         merge_tensors(make_inputs(1), "cclip", base_index=0, ids=["base", "math"], parameters={"rho": 1.0})

@@ -24,6 +24,7 @@ from mergekit.options import MergeOptions
 from safetensors.torch import save_file
 
 from fedmerge_plugins import store
+from fedmerge_plugins.errors import FedmergeError
 from fedmerge_plugins.norms import cache as norm_cache
 from fedmerge_plugins.norms import streaming as norms
 from fedmerge_plugins.norms.cache import NormCache
@@ -161,12 +162,12 @@ def test_cache_key_follows_file_identity(family: Family) -> None:
 
 
 def test_incompatible_shapes_are_named() -> None:
-    with pytest.raises(ValueError, match=r"tensor w: model m has shape \(2, 3\), the base \(3, 2\)"):
+    with pytest.raises(FedmergeError, match=r"tensor w: model m has shape \(2, 3\), the base \(3, 2\)"):
         norms.shared_rows("w", torch.zeros(3, 2), torch.zeros(2, 3), "m")
 
 
 def test_non_finite_checkpoint_is_named() -> None:
-    with pytest.raises(ValueError, match="model m has NaN or inf values in tensor w"):
+    with pytest.raises(FedmergeError, match="model m has NaN or inf values in tensor w"):
         norms.squared_distance("w", torch.zeros(3), torch.tensor([0.0, float("inf"), 1.0]), "m")
 
 

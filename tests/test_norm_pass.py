@@ -20,6 +20,7 @@ from mergekit.options import MergeOptions
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedmerge_plugins.errors import FedmergeError
 from fedmerge_plugins.norms import streaming as norms
 from fedmerge_plugins.norms import cache as norm_cache
 from fedmerge_plugins.norms.cache import NormCache, cache_key
@@ -166,7 +167,7 @@ def test_a_model_sharing_no_float_tensor_is_named(family: Family, tmp_path: Path
     base = LazyTensorLoader(norms.model_index(ModelReference.parse(str(family.base))))
     good = LazyTensorLoader(norms.model_index(ModelReference.parse(str(family.tasks[0]))))
     odd = LazyTensorLoader(ShardedTensorIndex.from_disk(str(tmp_path / "odd")))
-    with pytest.raises(ValueError, match="model odd shares no floating-point tensor name with the base model"):
+    with pytest.raises(FedmergeError, match="model odd shares no floating-point tensor name with the base model"):
         norms.stream_norms(base, [good, odd], ["good", "odd"])
 
 
@@ -188,7 +189,7 @@ def test_squared_distance_is_the_original_term_bit_for_bit() -> None:
 def test_squares_that_overflow_float32_are_inf_not_an_error() -> None:
     """Finite values whose squares overflow float32: the element-wise check clears them."""
     assert norms.squared_distance("w", torch.zeros(2), torch.tensor([3e38, 1.0]), "m") == math.inf
-    with pytest.raises(ValueError, match="model m has NaN or inf values in tensor w"):
+    with pytest.raises(FedmergeError, match="model m has NaN or inf values in tensor w"):
         norms.squared_distance("w", torch.zeros(2), torch.tensor([float("nan"), 1.0]), "m")
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
@@ -39,6 +40,7 @@ from fedmerge_plugins.catalogue import SEARCH_METHODS
 from fedmerge_plugins.clip.cache import KEY_LENGTH, source_identity
 from fedmerge_plugins.clip.evaluate import Session, normalized
 from fedmerge_plugins.errors import FedmergeError
+from fedmerge_plugins.files import write_output
 from fedmerge_plugins.search.engine import (
     Evaluation,
     Point,
@@ -57,7 +59,7 @@ Params = Dict[str, float]
 Subset = Tuple[str, ...]
 
 
-class ExperimentError(FedmergeError, ValueError):
+class ExperimentError(FedmergeError):
     """A CLIP experiment request or run folder that cannot be used."""
 
 
@@ -68,11 +70,24 @@ class Training(NamedTuple):
     learning_rate: float
 
 
+def _number(value: Any) -> Optional[float]:
+    """``value`` as a float (YAML reads ``1e-4`` as text), None if it is not a number."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def read_training(path: Path) -> Dict[str, Training]:
     """``task: {steps: N, learning_rate: x}`` per task, from a YAML or JSON file."""
     import yaml
 
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ExperimentError(f"{path}: cannot read it ({error})") from None
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path}: expected a mapping `task: {{steps: N, learning_rate: x}}`")
     result = {}
@@ -82,8 +97,8 @@ def read_training(path: Path) -> Dict[str, Training]:
         unknown = set(entry) - {"steps", "learning_rate"}
         if unknown:
             raise ExperimentError(f"{path}: task {task}: unknown keys {sorted(unknown)}")
-        steps, rate = entry["steps"], float(entry.get("learning_rate", 1.0))
-        if not isinstance(steps, int) or steps <= 0 or not rate > 0:
+        steps, rate = entry["steps"], _number(entry.get("learning_rate", 1.0))
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0 or rate is None or not 0 < rate < math.inf:
             raise ExperimentError(f"{path}: task {task}: steps must be an integer > 0 and learning_rate > 0")
         result[str(task)] = Training(steps, rate)
     return result
@@ -197,7 +212,12 @@ class Experiment:
         path = self.out_dir / "run.json"
         if not path.exists():
             return
-        recorded = json.loads(path.read_text())
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ExperimentError(f"{path}: cannot read it ({error}); use another --out directory") from None
+        if not isinstance(recorded, dict):
+            raise ExperimentError(f"{path}: not a run file; use another --out directory")
         configuration = json.loads(json.dumps(self.configuration()))
         differing = [k for k in configuration if recorded.get(k) != configuration[k]]
         if differing:
@@ -208,8 +228,7 @@ class Experiment:
         self.norms = {t: float(v) for t, v in recorded.get("norms", {}).items()}
 
     def write_run_file(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "run.json").write_text(json.dumps({**self.configuration(), "norms": self.norms}, indent=1))
+        write_output(self.out_dir / "run.json", json.dumps({**self.configuration(), "norms": self.norms}, indent=1))
 
     def prepare(self) -> None:
         from tqdm.auto import tqdm

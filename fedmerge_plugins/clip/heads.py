@@ -12,6 +12,7 @@ computed once per task and kept in ``<cache>/heads/``.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import List
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from fedmerge_plugins.clip.cache import KEY_LENGTH, source_identity
 from fedmerge_plugins.clip.tasks import TaskText
 from fedmerge_plugins.store import digest
+from fedmerge_plugins.files import user_path, write_atomic
 
 HEAD_VERSION = 1
 
@@ -56,8 +58,9 @@ def cached_head(clip, tokenizer, base: str, text: TaskText, cache_root: Path) ->
     if path.exists():
         return torch.load(path, map_location=device)
     head = zero_shot_head(clip, tokenizer, text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(head.cpu(), tmp)
-    tmp.replace(path)
+    data = io.BytesIO()
+    torch.save(head.cpu(), data)
+    with user_path(path.parent, "write the zero-shot head cache in"):  # a full or read-only --cache-dir
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data.getvalue())
     return head

@@ -37,4 +37,7 @@ def demo_command(out: Path, size: str, rebuild: bool, device: str, threads: Opti
         torch.set_num_threads(threads)
     settings = replace(SIZES[size], search_each_seed=True) if search_each_seed else SIZES[size]
     with one_line_errors():
+        from fedmerge_plugins.evaluation.sandbox import require_isolation
+
+        click.echo(require_isolation().describe(), err=True)  # the code task runs model-written programs
         run_demo(out, size, rebuild=rebuild, device=device, settings=settings, log=click.echo)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from fedmerge_plugins.errors import DataError, PathError
+from fedmerge_plugins.files import write_output
 from fedmerge_plugins.evaluation.backends import Backend
 from fedmerge_plugins.evaluation.loaders import check_split, local_path
 from fedmerge_plugins.evaluation.sandbox import require_isolation
@@ -88,7 +90,7 @@ def tasks_dir() -> Path:
     for candidate in candidates:
         if (candidate / "fedmerge_gsm8k.yaml").is_file():
             return candidate
-    raise FileNotFoundError(
+    raise PathError(
         f"fedmerge's lm-eval task configs were not found (looked in {', '.join(map(str, candidates))}); "
         f"set {TASKS_DIR_ENV} to the eval/ directory of a fedmerge checkout"
     )
@@ -105,13 +107,13 @@ def check_request(
     batch_size: int = 8,
     max_gen_toks: Optional[int] = 256,
 ) -> None:
-    """Everything that can be checked before data or model are read; raises ValueError (or
-    FileNotFoundError for missing data files; ``SandboxUnavailable``, a ValueError, where code
-    tasks cannot run sandboxed)."""
+    """Everything that can be checked before data or model are read; raises ``DataError``
+    (``PathError`` for missing data files; ``SandboxUnavailable`` where code tasks cannot
+    run sandboxed)."""
     check_split(split, validation_fraction)
     code_tasks = [short for short in tasks if TASKS[short].runs_code]
     if code_tasks and not allow_code_execution:
-        raise ValueError(
+        raise DataError(
             f"{', '.join(code_tasks)} run model-written code; allow it explicitly "
             "(allow_code_execution=True, CLI --allow-code-execution)"
         )
@@ -120,17 +122,17 @@ def check_request(
     if data_dir is None:
         local_only = [short for short in tasks if TASKS[short].hub is None]
         if local_only:
-            raise ValueError(f"{', '.join(local_only)} has no public dataset here: give a data directory")
+            raise DataError(f"{', '.join(local_only)} has no public dataset here: give a data directory")
     else:
         missing = [str(local_path(data_dir, short)) for short in tasks if not local_path(data_dir, short).is_file()]
         if missing:
-            raise FileNotFoundError(f"evaluation data file(s) not found: {', '.join(missing)}")
+            raise PathError(f"evaluation data file(s) not found: {', '.join(missing)}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, not {limit}")
+        raise DataError(f"limit must be at least 1, not {limit}")
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, not {batch_size}")
+        raise DataError(f"batch size must be at least 1, not {batch_size}")
     if max_gen_toks is not None and max_gen_toks < 1:
-        raise ValueError(f"max_gen_toks must be at least 1, not {max_gen_toks}")
+        raise DataError(f"max_gen_toks must be at least 1, not {max_gen_toks}")
 
 
 def load_tasks(
@@ -187,7 +189,7 @@ def evaluate_lm(
     for short, task in task_objects.items():
         wanted = max_gen_toks or task.config.generation_kwargs.get("max_gen_toks", 256)
         if wanted >= lm.max_length:
-            raise ValueError(
+            raise DataError(
                 f"{model_name}: {short} generates up to {wanted} tokens but the model's context is only "
                 f"{lm.max_length}; lower max_gen_toks"
             )
@@ -218,15 +220,13 @@ def write_results(result: EvalResult, output_dir: "str | Path") -> Path:
     from lm_eval.utils import handle_non_serializable
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     summary = {key: value for key, value in result.raw.items() if key != "samples"}
     summary["fedmerge_scores"] = result.scores
     path = output_dir / "results.json"
-    path.write_text(json.dumps(summary, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    write_output(path, json.dumps(summary, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
     for task_name, samples in result.raw.get("samples", {}).items():
-        with open(output_dir / f"samples_{task_name}.jsonl", "w", encoding="utf-8") as handle:
-            for sample in samples:
-                handle.write(json.dumps(sample, default=handle_non_serializable, ensure_ascii=False) + "\n")
+        lines = (json.dumps(sample, default=handle_non_serializable, ensure_ascii=False) + "\n" for sample in samples)
+        write_output(output_dir / f"samples_{task_name}.jsonl", "".join(lines))
     return path
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Tuple
 
+from fedmerge_plugins.errors import DataError
+
 
 @dataclass(frozen=True)
 class HubSource:
@@ -79,7 +81,7 @@ def get_spec(short: str) -> TaskSpec:
     try:
         return TASKS[short]
     except KeyError:
-        raise ValueError(f"unknown evaluation task {short!r}; known: {', '.join(ALL_TASKS)}") from None
+        raise DataError(f"unknown evaluation task {short!r}; known: {', '.join(ALL_TASKS)}") from None
 
 
 def parse_task_list(tasks: "str | Iterable[str]") -> Tuple[str, ...]:
@@ -87,8 +89,8 @@ def parse_task_list(tasks: "str | Iterable[str]") -> Tuple[str, ...]:
     items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     names = tuple(dict.fromkeys(item.strip().lower() for item in items if item.strip()))
     if not names:
-        raise ValueError("no evaluation task given")
+        raise DataError("no evaluation task given")
     unknown = [name for name in names if name not in TASKS]
     if unknown:
-        raise ValueError(f"unknown evaluation task(s) {', '.join(unknown)}; known: {', '.join(ALL_TASKS)}")
+        raise DataError(f"unknown evaluation task(s) {', '.join(unknown)}; known: {', '.join(ALL_TASKS)}")
     return names

@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Seque
 import torch
 from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, TensorGroup
 
-from fedmerge_plugins.errors import NonFiniteError
+from fedmerge_plugins.errors import NonFiniteError, RecipeError
 from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, weighted_task_sum
 from fedmerge_plugins.methods.params import LAMBDA, ClipRho, Norm, per_model, shared
 
@@ -57,7 +57,7 @@ class CClipMerge(GroupMergeMethod):
         missing = [model for model in ids if overrides[model] is None]
         provided: Dict[Hashable, float] = {}
         if missing and self.norm_provider is None:
-            raise ValueError(
+            raise RecipeError(
                 f"cclip: no task-vector norm for model {missing[0]!r}: pass the per-model parameter "
                 "`norm` (fedmerge_plugins.norms.streaming.state_dict_norms computes it from state dicts)"
             )

@@ -19,6 +19,8 @@ from fedmerge_plugins.methods.training_record import SCHEDULES
 
 def _check(name: str, rule: str, ok: Callable[[float], bool]) -> AfterValidator:
     def validate(value: float) -> float:
+        if math.isinf(value):  # e.g. 1e309, beyond the float range
+            raise ValueError(f"parameter `{name}` must be a finite number ({rule}); got {value!r}: beyond the float range")
         if not (math.isfinite(value) and ok(value)):
             raise ValueError(f"parameter `{name}` must be {rule}; got {value!r}")
         return value

@@ -46,7 +46,7 @@ METRIC_DRIVEN = ("reduce_lr_on_plateau", "greedy")  # rates follow metrics: not 
 RATE_TOLERANCE = 1e-9  # relative: a logged rate and the schedule's agree within it
 
 
-class TrainingRecordError(FedmergeError, ValueError):
+class TrainingRecordError(FedmergeError):
     """A training record that cannot be used; one line naming the key or file."""
 
 

@@ -33,7 +33,7 @@ from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 from tqdm.auto import tqdm
 
-from fedmerge_plugins.errors import NonFiniteError
+from fedmerge_plugins.errors import InputError, NonFiniteError, RecipeError
 from fedmerge_plugins.norms import cache as norm_cache
 from fedmerge_plugins.norms.cache import NormCache, cache_keys
 from fedmerge_plugins.numerics import compute_dtype
@@ -56,7 +56,7 @@ def shared_rows(name: str, base: torch.Tensor, model: torch.Tensor, model_label:
         return base, model
     differing = [axis for axis, (b, m) in enumerate(zip(base.shape, model.shape)) if b != m]
     if base.ndim != model.ndim or len(differing) != 1:
-        raise ValueError(
+        raise InputError(
             f"tensor {name}: model {model_label} has shape {tuple(model.shape)}, "
             f"the base {tuple(base.shape)}; they cannot be merged"
         )
@@ -95,7 +95,7 @@ class NormSums:
     def norms(self) -> List[float]:
         for label, count in zip(self.labels, self.tensors):
             if count == 0:
-                raise ValueError(f"model {label} shares no floating-point tensor name with the base model")
+                raise InputError(f"model {label} shares no floating-point tensor name with the base model")
         return [math.sqrt(total) for total in self.squares]
 
 
@@ -229,7 +229,7 @@ def reference_norms(
     provider inside mergekit merges, and ``fedmerge inspect``'s and the sweep's from disk."""
     for model in models:
         if not isinstance(base, ModelReference) or not isinstance(model, ModelReference):
-            raise ValueError(
+            raise RecipeError(
                 f"cclip: no task-vector norm for model {model!r}: outside a mergekit recipe pass the "
                 "per-model parameter `norm` (fedmerge_plugins.norms.streaming.state_dict_norms computes it)"
             )
