@@ -3,13 +3,12 @@ so ``fedmerge --help`` does not import torch, mergekit or lm-eval."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import click
 
-from fedmerge_plugins.errors import FedmergeError
+from fedmerge_plugins.boundary import one_line_errors  # noqa: F401  (the sub-commands import it from here)
 
 # name -> "module:attribute" of a click command or group
 COMMANDS: Dict[str, str] = {
@@ -19,18 +18,6 @@ COMMANDS: Dict[str, str] = {
     "inspect": "fedmerge_plugins.diagnostics.cli:inspect_command",
     "sweep": "fedmerge_plugins.sweep.cli:sweep_command",
 }
-
-
-@contextlib.contextmanager
-def one_line_errors(verbose: bool = False) -> Iterator[None]:
-    """Turn a ``FedmergeError`` raised inside the block into a one-line click error
-    (``verbose`` re-raises it, traceback included)."""
-    try:
-        yield
-    except FedmergeError as error:
-        if verbose:
-            raise
-        raise click.ClickException(str(error)) from None
 
 
 _WORKER_OPTIONS = (

@@ -3,12 +3,21 @@
 Each type carries a pydantic constraint whose message names the parameter, so a bad value
 is rejected when mergekit resolves the recipe (before anything is written) and when the
 Python API binds it.
+
+A recipe must give each method's own value (ρ; FedNova's training record): the recipe
+check (``guards.recipe``) refuses one without it. For mergekit's Python API called with no
+value (``merge_state_dicts``; mergekit's own test suite runs every registered method with
+only ``weight``, ``t`` and ``density``), the spec declares the value at which the method is
+task arithmetic instead (``recipe_required``): FedGMA ρ = 0, CCLIP no clipping, FedNova
+equal training.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Callable, Optional, Sequence
+
+from dataclasses import dataclass
 
 from mergekit.merge_methods.base import MISSING, ParameterScope, ParameterSpec
 from pydantic import AfterValidator
@@ -46,7 +55,7 @@ def _nonempty(name: str) -> AfterValidator:
 
 Lambda = Annotated[float, _check("lambda", "a finite number", lambda v: True)]
 AgreementRho = Annotated[float, _check("rho", "in [0, 1]", lambda v: 0.0 <= v <= 1.0)]
-ClipRho = Annotated[float, _check("rho", "> 0", lambda v: v > 0.0)]
+ClipRho = Optional[Annotated[float, _check("rho", "> 0", lambda v: v > 0.0)]]  # None: no clipping (API only)
 
 # FedNova's training record (fedmerge_plugins.methods.training_record); None: not given
 Steps = Optional[Annotated[int, _check("steps", "an integer > 0", lambda v: v > 0)]]
@@ -58,6 +67,21 @@ WarmupSteps = Optional[
 WarmupRatio = Optional[Annotated[float, _check("warmup_ratio", "in [0, 1)", lambda v: 0.0 <= v < 1.0)]]
 TrainingLog = Optional[Annotated[str, _nonempty("training_log")]]
 Norm = Optional[Annotated[float, _check("norm", ">= 0", lambda v: v >= 0.0)]]
+
+
+@dataclass(frozen=True)
+class RecipeRequired(ParameterSpec):
+    """A parameter a recipe must give; its ``default`` (task arithmetic) serves mergekit's
+    Python API called without it."""
+
+
+def required_in_recipe(parameter: ParameterSpec) -> bool:
+    return parameter.required or isinstance(parameter, RecipeRequired)
+
+
+def recipe_required(name: str, value_type: object, default: object, doc: str = "") -> ParameterSpec:
+    """A shared parameter every recipe gives; ``default`` only outside a recipe."""
+    return RecipeRequired(name, value_type, ParameterScope.SHARED, default=default, description=doc)
 
 
 def shared(name: str, value_type: object, default: object = MISSING, doc: str = "") -> ParameterSpec:
