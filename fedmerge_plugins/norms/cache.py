@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
+from fedmerge_plugins.filemode import follow_umask
+
 if TYPE_CHECKING:  # this module imports neither torch nor mergekit
     from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 
@@ -245,6 +247,7 @@ def _replace(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        follow_umask(tmp)  # mkstemp's 0600 would hide the cache from the group
         os.replace(tmp, path)
     except OSError as error:
         with contextlib.suppress(OSError):
