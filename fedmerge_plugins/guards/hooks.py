@@ -56,8 +56,8 @@ def install_run_merge_check() -> None:
         bound = signature.bind(*args, **kwargs)
         config, options = bound.arguments["merge_config"], bound.arguments.get("options")
         with one_line_under_click(_verbose(options)):
-            check_recipe_text(bound.arguments.get("config_source"))
-            check_recipe(config, shapes=False)
+            from_file = check_recipe_text(bound.arguments.get("config_source"))
+            check_recipe(config, shapes=False, from_file=from_file)
             check_sources(config, cache_dir=getattr(options, "transformers_cache", None))
             check_readable(config)
             token = _CHECKED.set(config)

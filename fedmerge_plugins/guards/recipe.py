@@ -107,7 +107,9 @@ def load_recipe(path: Path, *, shapes: bool = True) -> Tuple[Dict[str, Any], Mer
         where = ".".join(str(part) for part in first["loc"])
         reason = first["msg"].removeprefix("Value error, ")
         raise RecipeError(f"{path}: not a valid mergekit recipe: {where + ': ' if where else ''}{reason}") from None
-    check_recipe(config, shapes=False)
+    except RuntimeError as error:  # mergekit's own validators' way to refuse (e.g. no `models:`)
+        raise RecipeError(f"{path}: not a valid mergekit recipe: {error}") from None
+    check_recipe(config, shapes=False, from_file=True)
     if shapes:  # whatever the method: inspect reads any recipe's models
         check_inputs(config)
     return data, config
@@ -147,17 +149,19 @@ def check_keys(data: Any, prefix: str = "", model: Type[BaseModel] = MergeConfig
             check_keys(item, prefix, section, f"{where + '.' if where else ''}{name}[{index}]")
 
 
-def check_recipe_text(source: Optional[str]) -> None:
-    """``check_keys`` on a recipe's YAML text (what mergekit-yaml passes to ``run_merge``)."""
+def check_recipe_text(source: Optional[str]) -> bool:
+    """``check_keys`` on a recipe's YAML text (what mergekit-yaml passes to ``run_merge``);
+    whether there was one (the recipe came from a file)."""
     import yaml
 
     if not source:
-        return
+        return False
     try:
         data = yaml.safe_load(source)
     except yaml.YAMLError:
-        return  # mergekit read it already; a Python caller's text is its own business
+        return True  # mergekit read it already
     check_keys(data)
+    return True
 
 
 def _leaves(setting: Any) -> Iterator[Any]:
@@ -194,9 +198,14 @@ def check_inputs(config: MergeConfiguration, *, arch_info: Any = None, options: 
     check_shapes(config, task_models(config), arch_info=arch_info, truncate_embeddings=truncate)
 
 
-def check_recipe(config: MergeConfiguration, *, shapes: bool = True, arch_info: Any = None, options: Any = None) -> None:
-    """Raise RecipeError for problems in a recipe: for every method an unknown method, an
-    undeclared parameter or a model listed twice; for fedmerge's methods everything else.
+def check_recipe(
+    config: MergeConfiguration, *, shapes: bool = True, arch_info: Any = None, options: Any = None, from_file: bool = False
+) -> None:
+    """Raise RecipeError for problems in a recipe: for every method an unknown method or a
+    model listed twice, and in a recipe file (``from_file``: mergekit-yaml's, inspect's,
+    the sweep's) a parameter the method does not declare; for fedmerge's methods all of
+    that always, and everything else. A ``MergeConfiguration`` built in Python for one of
+    mergekit's methods keeps mergekit's leniency (its own tests rely on it).
 
     ``shapes=False`` skips ``check_inputs``, the checks that read checkpoint headers (and
     so may have to download them): the rest needs only the recipe. ``arch_info`` and
@@ -210,7 +219,7 @@ def check_recipe(config: MergeConfiguration, *, shapes: bool = True, arch_info: 
     _check_models(config)
     spec = registry.get(method).spec
     parameters = {p.name: p for p in spec.parameters}
-    for where, model, block in blocks:
+    for where, model, block in blocks if from_file or method in METHOD_NAMES else ():
         for key in block:
             if key not in parameters:
                 takes = ", ".join(f"`{name}`" for name in parameters) or "no parameters"
@@ -251,8 +260,9 @@ def check_recipe(config: MergeConfiguration, *, shapes: bool = True, arch_info: 
 
 
 def _check_models(config: MergeConfiguration) -> None:
-    """A model listed twice in one list is an error; the base model also listed as a task
-    model is a warning (mergekit merges it as the base only)."""
+    """A model listed twice in one list is an error; for fedmerge's methods, the base model
+    also listed as a task model is a warning (mergekit merges it as the base only: a median
+    "of three" is of two; mergekit's own methods list the base so on purpose, e.g. slerp)."""
     lists = [("`models:`", config.models or [])]
     lists += [(f"module {name}", module.models or []) for name, module in (config.modules or {}).items()]
     lists += [(f"slices[{i}]", s.sources) for i, s in enumerate(config.slices or [])]
@@ -262,7 +272,7 @@ def _check_models(config: MergeConfiguration) -> None:
             if entry.model in seen:
                 raise RecipeError(f"{config.merge_method}: model {entry.model} is listed twice in {where}")
             seen.append(entry.model)
-        if config.base_model is not None and config.base_model in seen:
+        if config.merge_method in METHOD_NAMES and config.base_model is not None and config.base_model in seen:
             _warn(
                 f"{config.merge_method}: base model {config.base_model} is also listed in {where}: mergekit "
                 f"uses it as the base only, so {len(seen) - 1} task model(s) are merged, not {len(seen)}"
