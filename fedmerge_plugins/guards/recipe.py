@@ -282,7 +282,7 @@ def _check_models(config: MergeConfiguration) -> None:
 def _warn(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
-        LOG.warning("warning: %s", message)
+        LOG.warning("%s", message)
 
 
 def check_recipe_shapes(config: MergeConfiguration, *, arch_info: Any = None, options: Any = None) -> None:
