@@ -190,10 +190,15 @@ def _check_value(method: str, where: str, parameter: ParameterSpec, setting: Any
 def check_inputs(config: MergeConfiguration, *, arch_info: Any = None, options: Any = None) -> None:
     """Every model the recipe names exists (``model_sources``), its weight files can be
     read, and its tensors have shapes that merge with the base's (``shapes``)."""
-    from fedmerge_plugins.guards.shapes import check_shapes
     from fedmerge_plugins.guards.sources import check_sources
 
     check_sources(config, cache_dir=getattr(options, "transformers_cache", None))
+    _check_shapes(config, arch_info, options)
+
+
+def _check_shapes(config: MergeConfiguration, arch_info: Any, options: Any) -> None:
+    from fedmerge_plugins.guards.shapes import check_shapes
+
     truncate = bool(getattr(options, "unsafe_truncate_embeddings", False))
     check_shapes(config, task_models(config), arch_info=arch_info, truncate_embeddings=truncate)
 
@@ -286,13 +291,10 @@ def _warn(message: str) -> None:
 
 
 def check_recipe_shapes(config: MergeConfiguration, *, arch_info: Any = None, options: Any = None) -> None:
-    """The shape part of ``check_recipe`` alone (a fedmerge recipe whose other checks and
-    sources were checked already, inside ``run_merge``)."""
-    from fedmerge_plugins.guards.shapes import check_shapes
-
+    """The shape part of ``check_recipe`` alone (a recipe whose other checks and sources
+    were checked already, inside ``run_merge``)."""
     if config.merge_method in METHOD_NAMES:
-        truncate = bool(getattr(options, "unsafe_truncate_embeddings", False))
-        check_shapes(config, task_models(config), arch_info=arch_info, truncate_embeddings=truncate)
+        _check_shapes(config, arch_info, options)
 
 
 def training_record(config: MergeConfiguration, model: ModelReference) -> "EffectiveSteps":
