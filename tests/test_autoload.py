@@ -115,3 +115,19 @@ def test_regular_wheel_install_autoloads(tmp_path: Path) -> None:
         f"print(registry.get('cclip').spec.name, fedmerge_plugins.__file__.startswith({str(target)!r}))"
     )
     assert python(code, "-S", cwd=tmp_path) == "cclip True"  # not the checkout's package
+
+
+def test_mergekit_suite_is_skipped_in_one_line_when_offline(tmp_path: Path) -> None:
+    """``make mergekit-tests`` (.ci/mergekit_suite.py) without a reachable package index:
+    one line saying why, exit 0, nothing half-made in its cache."""
+    import os
+
+    script = Path(__file__).resolve().parents[1] / ".ci" / "mergekit_suite.py"
+    env = {**os.environ, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "3",
+           "PIP_NO_INDEX": "", "PIP_FIND_LINKS": ""}
+    done = subprocess.run([sys.executable, str(script), "--cache", str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [done.stdout.strip()] and done.stdout.startswith(
+        "mergekit-tests: skipped: cannot fetch mergekit==") and "from the package index" in done.stdout
+    assert not list((tmp_path / "cache").rglob("*.tar.gz"))
