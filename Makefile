@@ -1,13 +1,15 @@
 # make test: create .venv, install torch (CPU build) first, then fedmerge with its test extras, run the tests.
 # make demo: the same environment, then the paper's LLM experiment in miniature (`fedmerge demo`).
+# make mergekit-tests: the installed mergekit's own test suite with fedmerge installed (make test runs it last).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+MERGEKIT_TESTS_CACHE ?= .cache/mergekit-tests
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedmerge-installed
 
-.PHONY: test demo venv clean sandbox-tools
+.PHONY: test demo venv clean sandbox-tools mergekit-tests
 
 venv: $(STAMP)
 
@@ -27,6 +29,11 @@ sandbox-tools:
 
 test: venv sandbox-tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python .ci/mergekit_suite.py --cache $(MERGEKIT_TESTS_CACHE)
+
+# mergekit's sdist for the installed version, fetched once into $(MERGEKIT_TESTS_CACHE); offline: skipped in one line
+mergekit-tests: venv
+	$(BIN)/python .ci/mergekit_suite.py --cache $(MERGEKIT_TESTS_CACHE)
 
 demo: venv
 	$(BIN)/fedmerge demo

@@ -3,16 +3,15 @@ so ``fedmerge --help`` does not import torch, mergekit or lm-eval."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import importlib
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import click
 
-from fedmerge_plugins.errors import FedmergeError
+from fedmerge_plugins.boundary import one_line_errors
 
 # name -> "module:attribute" of a click command or group
 COMMANDS: Dict[str, str] = {
@@ -22,18 +21,6 @@ COMMANDS: Dict[str, str] = {
     "inspect": "fedmerge_plugins.diagnostics.cli:inspect_command",
     "sweep": "fedmerge_plugins.sweep.cli:sweep_command",
 }
-
-
-@contextlib.contextmanager
-def one_line_errors(verbose: bool = False) -> Iterator[None]:
-    """Turn a ``FedmergeError`` raised inside the block into a one-line click error
-    (``verbose`` re-raises it, traceback included)."""
-    try:
-        yield
-    except FedmergeError as error:
-        if verbose:
-            raise
-        raise click.ClickException(str(error)) from None
 
 
 def error_boundary(command: click.Command) -> click.Command:

@@ -4,13 +4,15 @@ Library modules raise a subclass of ``FedmergeError`` whose message is one line 
 model, tensor, file or key at fault; none of them is also a ``ValueError``, ``OSError`` or
 ``RuntimeError``, so an ``except ValueError`` elsewhere never swallows one, and a genuine
 bug (a ``KeyError``, a ``TypeError``) is never taken for one. Each ``fedmerge`` command
-turns them into one line in one place, its ``cli.error_boundary`` decorator; the hook that
-runs inside mergekit's own ``mergekit-yaml`` does the same under a click context. Anything
+turns them into one line in one place, its ``cli.error_boundary`` decorator (``boundary.one_line_errors``); the hook
+that runs inside mergekit's own ``mergekit-yaml`` does the same under a click context. Anything
 else keeps its traceback. An ``OSError`` on a path the user gave becomes a ``PathError``
 naming it where the library meets that path (``files.user_path``).
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class FedmergeError(Exception):
@@ -43,6 +45,8 @@ def reason(error: BaseException) -> str:
     """An exception as the reason part of a one-line message: an ``OSError``'s ``strerror``
     (the message names the file already), else its text on one line (at most 200
     characters), else its type's name."""
+    if isinstance(error, OSError) and error.errno == errno.ELOOP:
+        return "a symbolic link loop"
     text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     text = " ".join(text.split()) or type(error).__name__
     return text if len(text) <= 200 else text[:197] + "..."

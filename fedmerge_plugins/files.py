@@ -1,5 +1,6 @@
 """Files fedmerge writes for its user: whole or not at all, with the mode the umask gives
-(as mergekit's own files); and the one line naming the path when the disk refuses.
+(as mergekit's own files: ``follow_umask`` for files others create with 0600, such as
+safetensors' weights); and the one line naming the path when the disk refuses.
 
 ``write_atomic`` writes a temporary file in the same folder and moves it over the real
 name (``os.replace``), so a full disk or a kill leaves the previous file, or none, never
@@ -12,34 +13,41 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import secrets
+import threading
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
-from fedmerge_plugins.errors import PathError
+from fedmerge_plugins.errors import PathError, reason
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def reason(error: OSError) -> str:
-    """The reason of an ``OSError`` in words ("No space left on device")."""
-    if error.errno == errno.ELOOP:
-        return "a symbolic link loop"
-    return error.strerror or str(error) or type(error).__name__
 
 
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
-def write_refused(error: BaseException) -> bool:
-    """Whether ``error`` is a disk refusing a write (full, read-only, no permission): an
-    ``OSError`` with such an errno, or the safetensors writer's report of one."""
+def refused_errno(error: BaseException) -> Optional[int]:
+    """The errno of a disk refusing a write (full, read-only, no permission): an ``OSError``'s,
+    or the one the safetensors writer reports only in its text ("(os error 28)", or the
+    error kind's name); None for any other error."""
     if isinstance(error, OSError):
-        return error.errno in WRITE_ERRNOS
+        return error.errno if error.errno in WRITE_ERRNOS else None
+    if type(error).__name__ != "SafetensorError":
+        return None
     text = str(error)
-    return type(error).__name__ == "SafetensorError" and any(
-        os.strerror(code) in text or name in text for code, name in ((errno.ENOSPC, "StorageFull"), (errno.EROFS, "ReadOnlyFilesystem"), (errno.EACCES, "PermissionDenied"))
-    )
+    found = re.search(r"\(os error (\d+)\)", text)
+    if found and int(found.group(1)) in WRITE_ERRNOS:
+        return int(found.group(1))
+    for code, name in ((errno.ENOSPC, "StorageFull"), (errno.EROFS, "ReadOnlyFilesystem"), (errno.EACCES, "PermissionDenied")):
+        if os.strerror(code) in text or name in text:
+            return code
+    return None
+
+
+def write_refused(error: BaseException) -> bool:
+    """Whether ``error`` is a disk refusing a write (``refused_errno``)."""
+    return refused_errno(error) is not None
 
 
 def path_error(path: PathLike, error: OSError, doing: str = "write") -> PathError:
@@ -154,3 +162,26 @@ def folder_lock(folder: PathLike, command: str) -> Iterator[None]:
         if created:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if nothing was written
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def umask() -> int:
+    """The process's umask (from /proc where it is there: reading it by ``os.umask`` sets
+    it for a moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def follow_umask(path: PathLike) -> None:
+    """Give the regular file ``path`` the mode a file created by ``open()`` would have."""
+    os.chmod(path, 0o666 & ~umask())

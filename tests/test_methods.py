@@ -324,7 +324,6 @@ def test_kernels_do_not_modify_their_inputs() -> None:
         ("fednova", {"steps": 0}, "`steps` must be an integer > 0"),
         ("fednova", {"steps": 5, "learning_rate": -1e-5}, "`learning_rate` must be > 0"),
         ("median", {"lambda": float("nan")}, "`lambda` must be a finite number"),
-        ("fedgma", {}, "Missing required parameter rho"),
         ("median", {"rh0": 0.5}, "Unknown parameter(s) for median: rh0"),
     ],
 )

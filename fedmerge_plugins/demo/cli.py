@@ -28,7 +28,7 @@ def demo_command(out: Path, size: str, rebuild: bool, device: str, threads: Opti
         os.environ.setdefault(name, "1" if name != "TOKENIZERS_PARALLELISM" else "false")
     import torch
 
-    from fedmerge_plugins.cli import one_line_errors
+    from fedmerge_plugins.boundary import one_line_errors
     from fedmerge_plugins.demo.run import SIZES, run_demo
 
     if threads is not None:

@@ -191,15 +191,21 @@ def _read_run(file: Path, identity: FileIdentity) -> LoggedRun:
     if not isinstance(data, dict) or not isinstance(data.get("log_history"), list):
         raise TrainingRecordError(f"{file}: no `log_history` list: not a Trainer's {STATE_FILE}")
     steps, max_steps = _integer(data, "global_step", file), _integer(data, "max_steps", file)
-    if steps == 0 or steps > max_steps:
-        raise TrainingRecordError(f"{file}: global_step {steps} with max_steps {max_steps}: no training recorded")
+    if steps == 0:
+        raise TrainingRecordError(f"{file}: global_step 0: no training recorded")
+    if steps > max_steps:
+        raise TrainingRecordError(
+            f"{file}: global_step {steps} is beyond max_steps {max_steps}, the length of the schedule it trained "
+            "with: not one consistent Trainer record (max_steps edited, or the state of another run?)"
+        )
     rates: List[Tuple[int, float]] = []
     first = ""
     for entry in data["log_history"]:
         if not isinstance(entry, dict) or "learning_rate" not in entry:
             continue  # evaluation and summary entries
         step, rate = entry.get("step"), entry["learning_rate"]
-        if not isinstance(step, int) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+        numbers = isinstance(step, int) and isinstance(rate, (int, float)) and not isinstance(step, bool) and not isinstance(rate, bool)
+        if not numbers or not math.isfinite(rate) or rate < 0:
             raise TrainingRecordError(f"{file}: log entry {entry!r} has no valid `step` and `learning_rate`")
         if not 0 < step <= steps or (rates and step <= rates[-1][0]):
             raise TrainingRecordError(
@@ -236,6 +242,8 @@ def _args_schedule(path: Path, length: int) -> Tuple[Optional[Schedule], str]:
         return None, f"{path.name}: {name} follows the metrics, the log is used"
     kwargs = args.get("lr_scheduler_kwargs") or {}
     try:
+        if any(isinstance(args.get(key), bool) for key in ("learning_rate", "warmup_steps", "warmup_ratio")):
+            raise TypeError("true/false where a number belongs")
         kwargs = json.loads(kwargs) if isinstance(kwargs, str) else dict(kwargs)
         peak = float(args["learning_rate"])
         warmup_steps = float(args.get("warmup_steps") or 0)

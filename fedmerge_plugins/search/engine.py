@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fedmerge_plugins.errors import FedmergeError, PathError
-from fedmerge_plugins.files import reason, user_path
+from fedmerge_plugins.errors import reason
+from fedmerge_plugins.files import user_path
 
 if TYPE_CHECKING:
     from fedmerge_plugins.search.workers import WorkerSettings

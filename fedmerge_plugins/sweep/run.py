@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, List, Optional
 import click
 
 from fedmerge_plugins.errors import FedmergeError
-from fedmerge_plugins.files import reason, user_path, write_output, write_refused
+from fedmerge_plugins.errors import reason
+from fedmerge_plugins.files import user_path, write_output, write_refused
 from fedmerge_plugins.search.engine import Evaluation, Point, ResultLog, SearchOutcome, expand, recipe_yaml, run_search, winner_recipe
 from fedmerge_plugins.sweep.errors import SweepError
 from fedmerge_plugins.sweep.evaluators import Evaluator, selection_score
