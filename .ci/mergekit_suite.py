@@ -7,9 +7,10 @@ check that they change nothing mergekit promises. The sdist of the installed ver
 fetched once from the package index (``pip download``, so pip's index settings apply) into
 the cache, and its ``tests/`` run against the installed mergekit (the cache holds no
 ``mergekit`` folder to shadow it). mergekit's sdist lacks ``tests/common.py``, a helper its
-merge tests import: it is taken from ``$MERGEKIT_TESTS_COMMON`` if set, else fetched from
-mergekit's repository at the version's tag; without it those modules are skipped, named in
-one line. Offline (no sdist): one line, exit 0.
+merge tests import: it is taken from ``$MERGEKIT_TESTS_COMMON`` if set, else from
+``mergekit_tests_common.py`` beside this script (mergekit's own file, copied unchanged);
+without it those modules are skipped, named in one line. Offline (no sdist): one line,
+exit 0.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import urllib.request
 from pathlib import Path
 from typing import List
 
-COMMON_URL = "https://raw.githubusercontent.com/arcee-ai/mergekit/v{version}/tests/common.py"
+SHIPPED_COMMON = Path(__file__).with_name("mergekit_tests_common.py")
 NEEDS_COMMON = ("tests.common", "tests.test_tokenizer")  # test_tokenizer imports tests.common
 
 
@@ -67,18 +67,14 @@ def unpack_tests(archive: Path, target: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
 
 
-def provide_common(version: str, tests: Path) -> bool:
-    """tests/common.py in place: from $MERGEKIT_TESTS_COMMON or mergekit's repository."""
+def provide_common(tests: Path) -> bool:
+    """tests/common.py in place: from $MERGEKIT_TESTS_COMMON or the copy beside this script."""
     common = tests / "common.py"
     if common.is_file():
         return True
-    given = os.environ.get("MERGEKIT_TESTS_COMMON")
+    source = Path(os.environ.get("MERGEKIT_TESTS_COMMON") or SHIPPED_COMMON)
     try:
-        if given:
-            text = Path(given).read_bytes()
-        else:
-            with urllib.request.urlopen(COMMON_URL.format(version=version), timeout=20) as response:
-                text = response.read()
+        text = source.read_bytes()
     except OSError as error:
         say(f"tests/common.py (not in mergekit's sdist) unavailable: {error}")
         return False
@@ -103,7 +99,7 @@ def main() -> int:
     root = cache / f"mergekit-{version}"
     unpack_tests(archive, root)
     ignored: List[str] = []
-    if not provide_common(version, root / "tests"):
+    if not provide_common(root / "tests"):
         ignored = needing_common(root / "tests")
         say(f"skipping {', '.join(ignored)} (they import tests/common.py)")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(root / "pyproject.toml"),
