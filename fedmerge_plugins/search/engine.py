@@ -240,13 +240,17 @@ def run_search(
     on_record: Optional[Callable[[Point, Dict[str, Any]], None]] = None,
     progress: bool = True,
     desc: str = "grid points",
+    order: Optional[Callable[[Point], Any]] = None,
 ) -> SearchOutcome:
     """Score every point of ``points`` not yet in ``log`` (one merge per group of
     ``merge_groups``), record each, and return the records and the winner.
 
     ``workers``: where the points are scored (``workers.WorkerSettings``; default here,
     one after another). On Ray workers ``evaluate`` must be picklable; it is shipped once,
-    its tensors through the object store, and the records are written here as results come."""
+    its tensors through the object store, and the records are written here as results come.
+    ``order``: a sort key for the points to score (default: grid order), e.g. the sweep's
+    groups of points that share one D; records, their ``index`` and the winner (ties to the
+    earlier point in grid order) do not depend on it, only the order of the log's lines."""
     from tqdm.auto import tqdm
 
     from fedmerge_plugins.search.workers import WorkerSettings, call, run_units
@@ -263,6 +267,8 @@ def run_search(
         elif missing:
             pending.append(same[0])
             members[same[0].key] = same
+    if order is not None:
+        pending.sort(key=order)
     scored = run_units(call, evaluate, pending, workers or WorkerSettings())  # ``evaluate`` is shipped once
     for point, evaluation, seconds in tqdm(scored, total=len(pending), desc=desc, unit="merge", disable=not progress, leave=False):
         value = selection(evaluation.scores)

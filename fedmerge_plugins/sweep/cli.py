@@ -135,4 +135,5 @@ def sweep_command(
             device=device,
             keep_merges=keep_merges,
             workers=settings,
+            echo=click.echo,
         )

@@ -1,0 +1,127 @@
+"""Grid points merged into one loaded model: a Python evaluator taking ``model`` scores every
+point exactly as the folder protocol does, D is computed once per ρ, the winner's in-memory
+weights equal ``mergekit-yaml`` of ``winner.yml`` bit for bit; lm-eval's scores equal
+``fedmerge eval`` of the same merges."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fedmerge_plugins.sweep.evaluators import PythonEvaluator
+from fedmerge_plugins.sweep.run import run_sweep
+from tests.conftest import BIN
+from tests.test_sweep import Family, tiny_family, write_recipe
+
+EVALUATORS = '''
+import os
+from safetensors.torch import load_file, save_file
+
+GOAL = {goal!r}
+SAVED = {saved!r}
+
+
+def closeness(tensors):
+    goal = load_file(GOAL)
+    return -sum(float((tensors[k].double() - goal[k].double()).pow(2).sum()) for k in sorted(goal))
+
+
+def from_folder(model_dir):
+    return {{"closeness": closeness(load_file(os.path.join(model_dir, "model.safetensors")))}}
+
+
+def from_model(model):
+    state = {{k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}}
+    os.makedirs(SAVED, exist_ok=True)
+    save_file(state, os.path.join(SAVED, f"{{len(os.listdir(SAVED)):04d}}.safetensors"))
+    return {{"closeness": closeness(state)}}
+'''
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return tiny_family(tmp_path_factory.mktemp("memory-family"))
+
+
+def evaluators(family: Family, directory: Path) -> Path:
+    module = directory / "evaluators.py"
+    module.write_text(EVALUATORS.format(goal=str(family.base.parent / "goal.safetensors"), saved=str(directory / "saved")))
+    return module
+
+
+def test_model_evaluator_scores_as_the_folder_protocol_and_the_winner_reproduces(family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedmerge_plugins.sweep.factored as factored
+
+    module = evaluators(family, tmp_path)
+    recipe = write_recipe(family, tmp_path)
+    captures: List[str] = []
+    capture = factored.capture
+    monkeypatch.setattr(factored, "capture", lambda config, options: captures.append(config.parameters["rho"]) or capture(config, options))
+    lines: List[str] = []
+    memory = run_sweep(recipe, tmp_path / "memory", PythonEvaluator(f"python:{module}:from_model"), lambdas="0.4:1.2:0.4",
+                       rhos="paper", echo=lines.append)
+    assert any("merged into one loaded model" in line for line in lines)
+    assert len(captures) == 5 == len(set(captures))  # one D per ρ, 15 points
+    assert not any((tmp_path / "memory" / "merges").glob("point-*"))  # nothing written per point
+    folder = run_sweep(recipe, tmp_path / "folder", PythonEvaluator(f"python:{module}:from_folder"), lambdas="0.4:1.2:0.4",
+                       rhos="paper", echo=lines.append)
+    assert {k: r["scores"] for k, r in memory.records.items()} == {k: r["scores"] for k, r in folder.records.items()}
+    assert memory.best["key"] == folder.best["key"]
+    assert all(set(r["details"]["timing"]) == {"merge", "copy", "evaluate"} for r in memory.records.values())
+
+    # the i-th line of the log is the i-th evaluation: the model the winner was scored with
+    order = [json.loads(line)["key"] for line in (tmp_path / "memory" / "results.jsonl").read_text().splitlines()]
+    assert [json.loads(k)["rho"] for k in order] != [json.loads(k)["rho"] for k in folder.records]  # ρ-major, not grid order
+    scored = load_file(str(tmp_path / "saved" / f"{order.index(memory.best['key']):04d}.safetensors"))
+    again = subprocess.run([str(BIN / "mergekit-yaml"), str(memory.winner_recipe), str(tmp_path / "again"), "--no-write-model-card"],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "FEDMERGE_CACHE_DIR": str(tmp_path / "fresh")})
+    assert again.returncode == 0, again.stderr[-3000:]
+    written = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert set(written) == set(scored)
+    for name, tensor in written.items():
+        assert tensor.dtype == scored[name].dtype and torch.equal(tensor.view(torch.int32), scored[name].view(torch.int32)), name
+
+
+def test_old_protocol_still_gets_a_folder_and_keep_merges_keeps_them(family: Family, tmp_path: Path) -> None:
+    module = evaluators(family, tmp_path)
+    lines: List[str] = []
+    outcome = run_sweep(write_recipe(family, tmp_path), tmp_path / "out", PythonEvaluator(f"python:{module}:from_model"),
+                        lambdas="0.5,1.0", rhos="0.1", keep_merges=True, echo=lines.append)
+    assert not any("merged into one loaded model" in line for line in lines)
+    assert sorted(p.name for p in (tmp_path / "out" / "merges").iterdir()) == ["point-0000", "point-0001"]
+    assert len(list((tmp_path / "saved").iterdir())) == 2  # the model protocol, each point loaded from its folder
+    assert all("details" not in r for r in outcome.records.values())
+
+
+@pytest.mark.slow
+def test_lm_eval_in_memory_scores_equal_fedmerge_eval(tmp_path: Path) -> None:
+    """The chain models of test_sweep's lm-eval test, 3 items: every point's recorded scores
+    in memory equal those of the same sweep scored from folders (``--keep-merges``), and the
+    winner's equal ``fedmerge eval`` of ``mergekit-yaml winner.yml``."""
+    from fedmerge_plugins.sweep.evaluators import LmEvalEvaluator
+    from tests.test_sweep import chain_world
+
+    recipe, data = chain_world(tmp_path)
+    make = lambda: LmEvalEvaluator(["gsm8k"], data_dir=data, split="test", batch_size=2, max_gen_toks=8, device="cpu")
+    memory = run_sweep(recipe, tmp_path / "memory", make(), lambdas="0.2:1.0:0.2", echo=lambda line: None)
+    folder = run_sweep(recipe, tmp_path / "folder", make(), lambdas="0.2:1.0:0.2", keep_merges=True, echo=lambda line: None)
+    assert {k: r["scores"] for k, r in memory.records.items()} == {k: r["scores"] for k, r in folder.records.items()}
+    assert len({r["scores"]["gsm8k"] for r in memory.records.values()}) > 1  # the points differ
+    assert all("timing" in r["details"] for r in memory.records.values())
+    merged = subprocess.run([str(BIN / "mergekit-yaml"), str(memory.winner_recipe), str(tmp_path / "winner"), "--no-write-model-card"],
+                            capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    evaluated = subprocess.run([str(BIN / "fedmerge"), "eval", str(tmp_path / "winner"), "--tasks", "gsm8k", "--data-dir", str(data),
+                                "--batch-size", "2", "--max-gen-toks", "8", "--output", str(tmp_path / "eval")],
+                               capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval" / "results.json").read_text())["fedmerge_scores"]
+    assert scores == memory.best["scores"]
