@@ -34,6 +34,9 @@ STEPS = (1000, 2000, 4000, 3000)  # fednova: unequal training, so every c_t ≠ 
 AGREEMENT_RHO = 0.5  # fedgma
 SWEEP_LAMBDAS = "0.05:1.0:0.05"  # 20 points
 SWEEP_POINTS = 20
+LMEVAL_LAMBDAS = "0.25:1.0:0.25"  # × CCLIP's five ρ (--rho paper): 20 points
+LMEVAL_ITEMS = 2  # GSM8K items scored per point
+LMEVAL_TOKENS = 2  # tokens generated per answer
 MEMORY_INTERVAL_S = 0.05  # smaps_rollup sampling period
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 MARKER = "<!-- Notes below this line are kept when bench.py regenerates this file. -->"
@@ -97,16 +100,17 @@ def ensure_checkpoints(cache_dir: Path, size: str) -> Inputs:
 class Variant:
     name: str
     models: int  # T
-    kind: str  # "mergekit", "sweep", "floor" or "startup"
+    kind: str  # "mergekit", "sweep", "sweep_lmeval", "by_hand_lmeval", "floor" or "startup"
     recipe: Optional[dict] = None
     norm_cache: Optional[str] = None  # cclip: "cold" or "warm"
     target: Optional[float] = None  # wall-time ratio to task_arithmetic with the same T
     rss_target: Optional[float] = 1.1  # peak-RSS ratio to task_arithmetic (None: not a target)
+    reference: Optional[str] = None  # the variant the ratios compare with (default: task_arithmetic, same T)
 
     @property
     def imports_mergekit(self) -> bool:
         """Runs that pay mergekit's start-up (the `startup` variant's wall time)."""
-        return self.kind in ("mergekit", "sweep")
+        return self.kind in ("mergekit", "sweep", "sweep_lmeval", "by_hand_lmeval")
 
 
 def recipe(inputs: Inputs, method: str, models: int, parameters: dict, per_model: Optional[List[dict]] = None) -> dict:
@@ -160,7 +164,10 @@ def variants(inputs: Inputs, size: str = "270m") -> List[Variant]:
         Variant("cclip_cold", 3, "mergekit", recipe(inputs, "cclip", 3, clip), norm_cache="cold", target=t["cclip_cold"], rss_target=rss),
         Variant("cclip_warm", 3, "mergekit", recipe(inputs, "cclip", 3, clip), norm_cache="warm", target=t["cclip_warm"], rss_target=rss),
         Variant("floor", 3, "floor"),
-        Variant("sweep_lambda20", 3, "sweep", recipe(inputs, "task_arithmetic", 3, lam, weights), target=3.0, rss_target=None),
+        Variant("sweep_lambda20", 3, "sweep", recipe(inputs, "task_arithmetic", 3, lam, weights), target=1.5, rss_target=None),
+        Variant("by_hand_lmeval", 3, "by_hand_lmeval", recipe(inputs, "cclip", 3, clip), rss_target=None),
+        Variant("sweep_cclip_lmeval20", 3, "sweep_lmeval", recipe(inputs, "cclip", 3, clip), target=2.0, rss_target=None,
+                reference="by_hand_lmeval"),
         Variant("task_arithmetic_t4", 4, "mergekit", recipe(inputs, "task_arithmetic", 4, lam, weights)),
         Variant("median_t4", 4, "mergekit", recipe(inputs, "median", 4, lam), target=t["median"], rss_target=rss),
         Variant("floor_t4", 4, "floor"),
@@ -170,4 +177,4 @@ def variants(inputs: Inputs, size: str = "270m") -> List[Variant]:
 def reference_names(variant: Variant) -> tuple:
     """(task_arithmetic, floor) variants with the same number of task models."""
     suffix = "_t4" if variant.models == 4 else ""
-    return f"task_arithmetic{suffix}", f"floor{suffix}"
+    return variant.reference or f"task_arithmetic{suffix}", f"floor{suffix}"

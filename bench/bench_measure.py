@@ -21,7 +21,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import yaml
 from tqdm.auto import tqdm
 
-from bench_inputs import BIN, DROP_CACHES, HERE, LAMBDA, MEMORY_INTERVAL_S, REPO, SWEEP_LAMBDAS, SWEEP_POINTS, Inputs, Variant
+from bench_inputs import (
+    BIN, DROP_CACHES, HERE, LAMBDA, LMEVAL_ITEMS, LMEVAL_LAMBDAS, LMEVAL_TOKENS, MEMORY_INTERVAL_S, REPO, SWEEP_LAMBDAS,
+    SWEEP_POINTS, Inputs, Variant,
+)
 
 
 # ---- measured runs ----------------------------------------------------------------------
@@ -37,6 +40,7 @@ class Sample:
     peak_file_mib: Optional[float] = None  # sampled: the largest Rss − Anonymous (file-backed pages)
     memory_samples: int = 0
     peak_sampled_rss_mib: Optional[float] = None  # sampled: the largest Rss (ru_maxrss also counts the parent, below)
+    point_split_s: Optional[Dict[str, float]] = None  # sweeps: median seconds per point of merge, copy, evaluate
 
 
 def smaps_rollup_kib(text: str) -> Dict[str, int]:
@@ -149,7 +153,24 @@ class Runner:
             evaluator.write_text(TRIVIAL_EVALUATOR)
             return [str(BIN / "fedmerge"), "sweep", str(config), "--lambda", SWEEP_LAMBDAS, "--eval",
                     f"python:{evaluator}:score", "--mode", "memory", "--out", str(out)]  # fmt: skip
+        lmeval = ["--tasks", "gsm8k", "--data-dir", str(self.lmeval_data()), "--limit", str(LMEVAL_ITEMS),
+                  "--max-gen-toks", str(LMEVAL_TOKENS), "--batch-size", str(LMEVAL_ITEMS)]  # fmt: skip
+        if variant.kind == "sweep_lmeval":
+            return [str(BIN / "fedmerge"), "sweep", str(config), "--lambda", LMEVAL_LAMBDAS, "--rho", "paper", "--eval", "lm-eval",
+                    "--split", "test", "--mode", "memory", "--out", str(out), *lmeval]  # fmt: skip
+        if variant.kind == "by_hand_lmeval":  # one point by hand: mergekit-yaml, then fedmerge eval
+            merge = [str(BIN / "mergekit-yaml"), str(config), str(out / "merged"), "--no-write-model-card"]
+            evaluate = [str(BIN / "fedmerge"), "eval", str(out / "merged"), *lmeval]
+            return ["sh", "-c", f"{shlex.join(merge)} && {shlex.join(evaluate)}"]
         return [str(BIN / "mergekit-yaml"), str(config), str(out), "--no-write-model-card"]
+
+    def lmeval_data(self) -> Path:
+        """A GSM8K file of ``LMEVAL_ITEMS`` items (the synthetic models answer nonsense: only the cost counts)."""
+        data = self.work / "lmeval-data"
+        data.mkdir(exist_ok=True)
+        items = [{"question": f"What is {i} plus {i}?", "answer": f"#### {2 * i}"} for i in range(1, LMEVAL_ITEMS + 1)]
+        (data / "gsm8k.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+        return data
 
     def run(self, variant: Variant) -> Sample:
         self.runs += 1
@@ -168,8 +189,8 @@ class Runner:
         sample = run_child(self.command(variant, out), env, self.work / f"{variant.name}.log", self.interval)
         if cache is not None:
             check_norm_cache(variant, cache, before)
-        if variant.kind == "sweep":
-            check_sweep(variant, out)
+        if variant.kind in ("sweep", "sweep_lmeval"):
+            sample.point_split_s = check_sweep(variant, out)
         shutil.rmtree(out, ignore_errors=True)
         os.sync()  # the next run must not pay for this one's write-back
         return sample
@@ -198,22 +219,22 @@ def check_norm_cache(variant: Variant, cache: Path, before: Optional[int]) -> No
 
 
 TRIVIAL_EVALUATOR = """
-import os
-
-
-def score(model_dir):
-    \"\"\"The merged weights' size in bytes: reads no tensor, proves the merge was written.\"\"\"
-    return float(sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir) if f.endswith(".safetensors")))
+def score(model):
+    \"\"\"1 + |one weight| of the loaded model (the point's weights were copied into it): a positive number.\"\"\"
+    return 1.0 + float(next(model.parameters()).reshape(-1)[0].float().abs())
 """
 
 
-def check_sweep(variant: Variant, out: Path) -> None:
-    """A sweep run must have merged and scored every point."""
+def check_sweep(variant: Variant, out: Path) -> Optional[Dict[str, float]]:
+    """A sweep run must have merged and scored every point; the median seconds per point of
+    its merge (D and λ), copy into the model and evaluation, where the log records them."""
     log = out / "results.jsonl"
     lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     points = [line for line in lines if line.get("kind", "point") == "point"]
-    if len(points) != SWEEP_POINTS or not all(p["scores"] and min(p["scores"].values()) > 0 for p in points):
+    if len(points) != SWEEP_POINTS or not all(p["scores"] and min(p["scores"].values()) >= 0 for p in points):
         raise RuntimeError(f"{variant.name}: expected {SWEEP_POINTS} scored points in {log}, found {len(points)}")
+    timings = [p["details"]["timing"] for p in points if "timing" in p.get("details", {})]
+    return {part: statistics.median(t[part] for t in timings) for part in timings[0]} if timings else None
 
 
 def run_interleaved(runner: Runner, chosen: Sequence[Variant], repeat: int, warmup: int) -> Dict[str, List[Sample]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 
-from bench_inputs import AGREEMENT_RHO, LAMBDA, MARKER, MEMORY_INTERVAL_S, SCALES, SIZES, STEPS, SWEEP_LAMBDAS, SWEEP_POINTS, Variant, reference_names
+from bench_inputs import AGREEMENT_RHO, LAMBDA, LMEVAL_ITEMS, LMEVAL_LAMBDAS, LMEVAL_TOKENS, MARKER, MEMORY_INTERVAL_S, SCALES, SIZES, STEPS, SWEEP_LAMBDAS, SWEEP_POINTS, Variant, reference_names
 from bench_measure import Sample
 
 
@@ -77,6 +77,18 @@ def fmt(value: Optional[float], digits: int = 2, suffix: str = "") -> str:
     return "–" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def point_splits(samples: Dict[str, List[dict]]) -> List[str]:
+    """Per-point cost of each sweep variant: medians over its runs of each run's median point."""
+    lines = []
+    for name, runs in samples.items():
+        splits = [run["point_split_s"] for run in runs if run.get("point_split_s")]
+        if splits:
+            parts = {part: statistics.median(split[part] for split in splits) for part in splits[0]}
+            described = ", ".join(f"{part} {seconds:.3f} s" for part, seconds in parts.items())
+            lines.append(f"- {name}, per point (median): {described}")
+    return ["Per-point split of the sweeps (merge: D when its group starts, then λ; copy into the loaded model; evaluation):", "", *lines, ""] if lines else []
+
+
 def verdicts(rows: Dict[str, dict], startup: dict) -> List[str]:
     lines = []
     for name, row in rows.items():
@@ -132,8 +144,13 @@ def markdown_run(report: dict) -> str:
         " each task model once more to compute the global norms; cclip_warm: a cache filled beforehand (checked:"
         " the warm runs never rewrite it, each cold run stores three norms).",
         f"- sweep_lambda20: `fedmerge sweep` of the task_arithmetic recipe, λ = {SWEEP_LAMBDAS} ({SWEEP_POINTS} points),"
-        " `--mode memory` (inputs read once), a trivial evaluator (the merged files' size); each point is a full"
-        " `run_merge` written out for the evaluator, as for a real one (to /dev/shm where it has room). Its ratio is to one `mergekit-yaml` merge of the recipe.",
+        " `--mode memory` (inputs read once), a trivial evaluator taking the loaded model (`score(model)`: one"
+        " weight): the first point merged by `run_merge` and loaded, D computed once, every point's tensors"
+        " copied into the model. Its ratio is to one `mergekit-yaml` merge of the recipe.",
+        f"- sweep_cclip_lmeval20: `fedmerge sweep` of the cclip recipe, λ = {LMEVAL_LAMBDAS} × `--rho paper`"
+        f" ({SWEEP_POINTS} points), `--eval lm-eval` (hf backend, CPU) on GSM8K, {LMEVAL_ITEMS} items,"
+        f" {LMEVAL_TOKENS} generated tokens; its ratios are to by_hand_lmeval: one point by hand, `mergekit-yaml`"
+        " of the recipe then `fedmerge eval` of the merge with the same options (one `sh -c`).",
         f"- {report['warmup']} untimed warm-up round(s), then {report['repeat']} timed rounds, interleaved"
         f" (every variant once per round, same order). "
         + ("The page cache is dropped before every run (`--drop-caches`): every input is read from disk."
@@ -167,6 +184,7 @@ def markdown_run(report: dict) -> str:
             f" | {fmt(row.get('peak_anon_mib_vs_task_arithmetic'), 3)} | {fmt(row.get('wall_s_vs_floor'), 2)} | {target} |"
         )
     out += ["", "Targets:", "", *verdicts(rows, report["startup"]), ""]
+    out += point_splits(report.get("samples", {}))
     startup = report["startup"]
     if startup:
         out += ["### Start-up and plugin import", ""]
