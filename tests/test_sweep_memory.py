@@ -125,3 +125,55 @@ def test_lm_eval_in_memory_scores_equal_fedmerge_eval(tmp_path: Path) -> None:
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     scores = json.loads((tmp_path / "eval" / "results.json").read_text())["fedmerge_scores"]
     assert scores == memory.best["scores"]
+
+
+def test_per_model_weight_axis_same_log_resume_winner_and_picture(family: Family, tmp_path: Path) -> None:
+    """``--param weight@MODEL=…`` beside λ for task_arithmetic: in memory the same scores as
+    from folders; the winner recipe sets that model's weight; a re-run finding every point
+    done scores nothing and writes sweep.png again."""
+    from fedmerge_plugins.sweep.picture import lines_of
+
+    module = evaluators(family, tmp_path)
+    recipe = write_recipe(family, tmp_path, method="task_arithmetic", parameters={"lambda": 1.0}, per_model={"weight": 1.0})
+    math_model = str(family.tasks[1])
+    axis = [f"weight@{math_model}=0.5,1.5"]
+    memory = run_sweep(recipe, tmp_path / "memory", PythonEvaluator(f"python:{module}:from_model"), lambdas="0.5,1.0",
+                       params=axis, echo=lambda line: None)
+    folder = run_sweep(recipe, tmp_path / "folder", PythonEvaluator(f"python:{module}:from_folder"), lambdas="0.5,1.0",
+                       params=axis, echo=lambda line: None)
+    key = f"weight@{math_model}"
+    assert [p.parameters for p in memory.points] == [{"lambda": lam, key: w} for lam in (0.5, 1.0) for w in (0.5, 1.5)]
+    assert {k: r["scores"] for k, r in memory.records.items()} == {k: r["scores"] for k, r in folder.records.items()}
+    assert len({r["selection"] for r in memory.records.values()}) == 4  # the weight matters
+    winner = yaml.safe_load(memory.winner_recipe.read_text())
+    best = memory.best["parameters"]
+    assert winner["parameters"] == {"lambda": best["lambda"]}
+    assert [m["parameters"]["weight"] for m in winner["models"]] == [1.0, best[key], 1.0]
+    picture = tmp_path / "memory" / "sweep.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    x_name, lines = lines_of(memory.points, memory.records)
+    assert x_name == "lambda" and sorted(lines) == [f"{key}=0.5", f"{key}=1.5"] and all(len(v) == 2 for v in lines.values())
+    picture.unlink()
+    saved = len(list((tmp_path / "saved").iterdir()))
+    lines_out: List[str] = []
+    again = run_sweep(recipe, tmp_path / "memory", PythonEvaluator(f"python:{module}:from_model"), lambdas="0.5,1.0",
+                      params=axis, echo=lines_out.append)
+    assert any("4 already in" in line for line in lines_out) and again.merges == 0
+    assert len(list((tmp_path / "saved").iterdir())) == saved and picture.exists()
+
+
+def test_bad_axes_fail_before_any_output(family: Family, tmp_path: Path) -> None:
+    from fedmerge_plugins.errors import FedmergeError
+
+    module = evaluators(family, tmp_path)
+    recipe = write_recipe(family, tmp_path, method="task_arithmetic", parameters={"lambda": 1.0}, per_model={"weight": 1.0})
+    evaluator = PythonEvaluator(f"python:{module}:from_model")
+    cases = {
+        "weight@./nowhere=1,2": "is not a model of the recipe",
+        f"lambda@{family.tasks[0]}=1,2": "no per-model parameter `lambda`",
+        "weight": "expected NAME=GRID",
+    }
+    for text, message in cases.items():
+        with pytest.raises(FedmergeError, match=message):
+            run_sweep(recipe, tmp_path / "out", evaluator, params=[text], echo=lambda line: None)
+    assert not (tmp_path / "out").exists()

@@ -70,9 +70,10 @@ class Evaluation:
 
 
 def expand(axes: Mapping[str, Optional[Sequence[float]]]) -> List[Point]:
-    """The product of the given axes in ``SWEPT`` order, the first axis outermost."""
+    """The product of the given axes, the first outermost: λ, ρ, then any other in the
+    order given (``fedmerge sweep --param``)."""
     points: List[Dict[str, float]] = [{}]
-    for name in SWEPT:
+    for name in [*(n for n in SWEPT if n in axes), *(n for n in axes if n not in SWEPT)]:
         values = axes.get(name)
         if values:
             points = [{**p, name: float(v)} for p in points for v in values]
@@ -298,10 +299,21 @@ def _record(log: ResultLog, point: Point, method: str, group: Optional[str], sco
     return log.append(record)
 
 
+PER_MODEL = "@"  # NAME@MODEL: the parameter NAME of the recipe's model MODEL
+
+
 def winner_recipe(data: Mapping[str, Any], point: Point) -> Dict[str, Any]:
-    """A deep copy of the recipe with the point's values in its top-level parameters."""
+    """A deep copy of the recipe with the point's values in its top-level parameters, a
+    ``NAME@MODEL`` value in the parameters of the ``models:`` entry whose ``model`` is MODEL."""
     recipe = copy.deepcopy(dict(data))
-    recipe["parameters"] = {**(recipe.get("parameters") or {}), **point.parameters}
+    shared = {k: v for k, v in point.parameters.items() if PER_MODEL not in k}
+    recipe["parameters"] = {**(recipe.get("parameters") or {}), **shared}
+    for key, value in point.parameters.items():
+        if PER_MODEL in key:
+            name, _, model = key.partition(PER_MODEL)
+            for entry in recipe.get("models") or []:
+                if str(entry.get("model")) == model:
+                    entry["parameters"] = {**(entry.get("parameters") or {}), name: value}
     return recipe
 
 

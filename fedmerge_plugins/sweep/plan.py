@@ -4,7 +4,7 @@ choice between holding the inputs in memory and merging each point from disk."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from fedmerge_plugins.search.engine import Point, expand, method_grid
 from fedmerge_plugins.sweep.errors import SweepError
@@ -29,29 +29,54 @@ class SweepPlan:
 
     def points(self, norms: Optional[List[float]] = None) -> List[Point]:
         if self.paper_clip and norms is not None:
-            return method_grid("cclip", self.axes.get("lambda") or (), norms=norms)
+            grid = method_grid("cclip", self.axes.get("lambda") or (), norms=norms)
+            others = {name: values for name, values in self.axes.items() if name not in ("lambda", "rho")}
+            if not others:
+                return grid
+            return expand({"lambda": self.axes.get("lambda"), "rho": sorted({p.parameters["rho"] for p in grid}), **others})
         return expand(self.axes)
 
 
-def plan_sweep(recipe: Any, lambdas: Optional[str], rhos: Optional[str]) -> SweepPlan:
+def parse_params(params: Sequence[str]) -> Dict[str, str]:
+    """``--param NAME=GRID`` options: {NAME: GRID text}, in the order given."""
+    parsed: Dict[str, str] = {}
+    for text in params:
+        name, equals, grid = text.partition("=")
+        name = name.strip()
+        if not equals or not name or not grid.strip():
+            raise SweepError(f"--param {text!r}: expected NAME=GRID or NAME@MODEL=GRID (e.g. weight@./models/math=0.5:1.5:0.5)")
+        if name in parsed:
+            raise SweepError(f"--param {name} is given twice")
+        parsed[name] = grid
+    return parsed
+
+
+def plan_sweep(recipe: Any, lambdas: Optional[str], rhos: Optional[str], params: Sequence[str] = ()) -> SweepPlan:
     """The request checked from the recipe text alone (no checkpoint is opened)."""
     from fedmerge_plugins.guards.recipe import load_recipe
     from fedmerge_plugins.search.grids import fedgma_rho_grid
 
     data, config = load_recipe(recipe, shapes=False)  # shapes: per point, once --out is checked
     method = config.merge_method
-    swept = [name for name, text in (("lambda", lambdas), ("rho", rhos)) if text is not None]
+    grids = {name: text for name, text in (("lambda", lambdas), ("rho", rhos)) if text is not None}
+    for name, text in parse_params(params).items():
+        if name in grids:
+            raise SweepError(f"--param {name}: {name} is swept by --{name} already")
+        grids[name] = text
+    swept = list(grids)
     if not swept:
-        raise SweepError("nothing to sweep: give --lambda and/or --rho")
-    check_sweepable(config, swept)
+        raise SweepError("nothing to sweep: give --lambda, --rho or --param NAME=GRID")
+    check_sweepable(config, swept, [str(entry.get("model")) for entry in data.get("models") or []])
+    rhos = grids.get("rho")
     if rhos == "paper" and method not in ("cclip", "fedgma"):
         raise SweepError(f"--rho paper: the paper's ρ grid is defined for cclip and fedgma, not {method}")
     paper_clip = rhos == "paper" and method == "cclip"  # ρ from the norms, known later
-    axes: Dict[str, Optional[List[float]]] = {"lambda": parse_values(lambdas, "--lambda") if lambdas else None}
-    if rhos == "paper":
-        axes["rho"] = [1.0] if paper_clip else fedgma_rho_grid()  # 1.0: a stand-in for the checks
-    elif rhos:
-        axes["rho"] = parse_values(rhos, "--rho")
+    axes: Dict[str, Optional[List[float]]] = {}
+    for name, text in grids.items():
+        if name == "rho" and text == "paper":
+            axes["rho"] = [1.0] if paper_clip else fedgma_rho_grid()  # 1.0: a stand-in for the checks
+        else:
+            axes[name] = parse_values(text, f"--{name}" if name in ("lambda", "rho") else f"--param {name}")
     return SweepPlan(data, config, swept, axes, paper_clip)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from fedmerge_plugins.search.engine import Point, ResultLog, SearchOutcome, recipe_yaml, run_search, winner_recipe
 from fedmerge_plugins.search.workers import WorkerSettings
@@ -61,10 +61,11 @@ def open_log(out: Path, plan: SweepPlan, evaluator: Evaluator, reference: Option
 
 
 def run_sweep(recipe: Path, out: Path, evaluator: Evaluator, *, lambdas: Optional[str] = None, rhos: Optional[str] = None,
-              echo: Echo = print, **options: Any) -> SweepOutcome:
+              params: Sequence[str] = (), echo: Echo = print, **options: Any) -> SweepOutcome:
     """Merge and score every grid point of ``recipe`` (resuming ``out/results.jsonl``), then
     write ``out/winner.yml`` and ``out/sweep.png``. ``lambdas``/``rhos``: grid option text
-    (``rhos="paper"`` for the paper's grid of cclip or fedgma). ``options``: ``SweepOptions``'
+    (``rhos="paper"`` for the paper's grid of cclip or fedgma); ``params``: ``NAME=GRID`` or
+    ``NAME@MODEL=GRID`` for any other numeric parameter, shared or of one model. ``options``: ``SweepOptions``'
     fields; ``workers``: score the points on Ray workers (``WorkerSettings(workers=N)`` or
     ``ray_address=...``); the inputs are read and CCLIP's norms computed here, once, and only
     this process writes the log."""
@@ -73,7 +74,7 @@ def run_sweep(recipe: Path, out: Path, evaluator: Evaluator, *, lambdas: Optiona
         raise SweepError(f"--mode {settings.mode!r}: use one of {', '.join(MODES)}")
     workers = settings.workers or WorkerSettings()
     workers.check()
-    plan = plan_sweep(recipe, lambdas, rhos)
+    plan = plan_sweep(recipe, lambdas, rhos, params)
     log = open_log(out, plan, evaluator, settings.reference)
     for point in plan.points():
         point_config(plan.data, point)  # each point checked, shapes included
@@ -180,10 +181,13 @@ class _Sweep:
 
 
 def finish(outcome: SearchOutcome, plan: SweepPlan, out: Path, mode: str, norms: Optional[List[float]], echo: Echo) -> SweepOutcome:
-    """Write ``out/winner.yml`` and print the table."""
+    """Write ``out/winner.yml`` and ``out/sweep.png`` and print the table."""
+    from fedmerge_plugins.sweep.picture import write_picture
+
     best_point = outcome.best_point
     winner_path = out / WINNER
     winner_path.write_text(recipe_yaml(winner_recipe(plan.data, best_point)), encoding="utf-8")
+    write_picture(out / PICTURE, outcome.points, outcome.records, outcome.best["key"])
     echo(results_table(outcome.points, outcome.records, outcome.best["key"]))
     echo(f"winner: {best_point.label()} (selection score {outcome.best['selection']:.6g}); recipe written to {winner_path}")
     return SweepOutcome(outcome.points, outcome.records, outcome.best, winner_path, mode, norms, outcome.merges)
