@@ -177,3 +177,79 @@ def test_bad_axes_fail_before_any_output(family: Family, tmp_path: Path) -> None
         with pytest.raises(FedmergeError, match=message):
             run_sweep(recipe, tmp_path / "out", evaluator, params=[text], echo=lambda line: None)
     assert not (tmp_path / "out").exists()
+
+
+class FakeModel:
+    """A vLLM worker's model: ``load_weights`` of (Hugging Face name, tensor) pairs."""
+
+    def __init__(self, events: List[str]) -> None:
+        self.weights: dict = {}
+        self.events = events
+
+    def load_weights(self, weights) -> None:
+        self.events.append(f"load {len(weights)}")
+        self.weights.update({name: tensor.clone() for name, tensor in weights})
+
+
+class FakeLLM:
+    """``vllm.LLM``'s two calls the sweep makes: ``collective_rpc(function, args)`` runs
+    function(worker, *args) on its (one) worker; ``reset_prefix_cache``."""
+
+    def __init__(self) -> None:
+        self.events: List[str] = []
+        self.worker = type("Worker", (), {})()
+        self.worker.model_runner = type("Runner", (), {})()
+        self.worker.model_runner.model = FakeModel(self.events)
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        return [method(self.worker, *args, **(kwargs or {}))]
+
+    def reset_prefix_cache(self) -> None:
+        self.events.append("reset")
+
+
+class FakeVllmEvaluator:
+    """The protocol of the lm-eval evaluator with ``--backend vllm``, on a fake engine that
+    starts from the folder's weights and scores closeness to the goal."""
+
+    takes_model = True
+    description = "fake vllm"
+
+    def __init__(self, goal: Path) -> None:
+        self.goal = goal
+        self.engines: List[FakeLLM] = []
+
+    def load(self, model_dir: Path):
+        from fedmerge_plugins.sweep.evaluators import Loaded, VllmWeights
+
+        llm = FakeLLM()
+        llm.worker.model_runner.model.weights = load_file(str(Path(model_dir) / "model.safetensors"))
+        self.engines.append(llm)
+        return Loaded(VllmWeights(llm), llm)
+
+    def evaluate_loaded(self, loaded) -> dict:
+        goal = load_file(str(self.goal))
+        state = loaded.handle.worker.model_runner.model.weights
+        return {"closeness": -sum(float((state[k].double() - goal[k].double()).pow(2).sum()) for k in sorted(goal))}
+
+    def evaluate(self, model_dir: Path) -> dict:
+        return self.evaluate_loaded(self.load(model_dir))
+
+
+def test_vllm_path_on_a_fake_engine_loads_each_point_then_resets_the_prefix_cache(
+    family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedmerge_plugins.sweep.evaluators as evaluators_module
+
+    module = evaluators(family, tmp_path)
+    recipe = write_recipe(family, tmp_path)
+    monkeypatch.setattr(evaluators_module, "VLLM_CHUNK_BYTES", 20_000)  # several collective_rpc calls per point
+    fake = FakeVllmEvaluator(family.base.parent / "goal.safetensors")
+    outcome = run_sweep(recipe, tmp_path / "vllm", fake, lambdas="0.4,1.2", rhos="0.05,0.5", echo=lambda line: None)
+    folder = run_sweep(recipe, tmp_path / "folder", PythonEvaluator(f"python:{module}:from_folder"), lambdas="0.4,1.2",
+                       rhos="0.05,0.5", echo=lambda line: None)
+    assert {k: r["scores"] for k, r in outcome.records.items()} == {k: r["scores"] for k, r in folder.records.items()}
+    (engine,) = fake.engines  # one engine for the whole sweep
+    per_point = " ".join(engine.events).split("reset")
+    assert len(per_point) == 5 and per_point[-1] == ""  # 4 points, each ended by a reset of the prefix cache
+    assert all(part.strip().count("load") >= 2 for part in per_point[:-1])  # in chunks

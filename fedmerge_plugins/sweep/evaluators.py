@@ -26,9 +26,10 @@ import importlib.util
 import inspect
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from fedmerge_plugins.sweep.errors import SweepError
 
@@ -49,6 +50,38 @@ class Loaded:
     module: Any
     handle: Any
     tokenizer: Any = None
+
+
+VLLM_CALLABLES = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+VLLM_CHUNK_BYTES = 1 << 30  # tensors sent to vLLM's workers per call
+
+
+def _load_into_worker(worker: Any, weights: List[Tuple[str, Any]]) -> None:
+    """Runs in each vLLM worker: its model's own loader (Hugging Face names; it fills the fused
+    q/k/v and gate/up layers itself), as vLLM's RLHF example does."""
+    worker.model_runner.model.load_weights(weights=weights)
+
+
+class VllmWeights:
+    """The load target of a vLLM engine (``vllm.LLM``): each point's tensors go to every worker
+    through ``collective_rpc`` (in chunks of about ``VLLM_CHUNK_BYTES``), then the prefix cache
+    is reset (cached prompt prefixes would otherwise be answered with the old weights)."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+
+    def load_weights(self, tensors: Iterable[Tuple[str, Any]]) -> None:
+        chunk: List[Tuple[str, Any]] = []
+        size = 0
+        for name, tensor in tensors:
+            chunk.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= VLLM_CHUNK_BYTES:
+                self.llm.collective_rpc(_load_into_worker, args=(chunk,))
+                chunk, size = [], 0
+        if chunk:
+            self.llm.collective_rpc(_load_into_worker, args=(chunk,))
+        self.llm.reset_prefix_cache()
 
 
 def takes_model(evaluator: Evaluator) -> bool:
@@ -183,7 +216,8 @@ class LmEvalEvaluator:
 
     @property
     def takes_model(self) -> bool:
-        return self.backend.name == "hf"
+        # vLLM: one engine in this process (data parallelism starts engines of its own elsewhere)
+        return self.backend.name == "hf" or (self.backend.name == "vllm" and self.backend.data_parallel_size == 1)
 
     def evaluate(self, model_dir: Path) -> Scores:
         from fedmerge_plugins.evaluation.api import evaluate_model
@@ -195,8 +229,10 @@ class LmEvalEvaluator:
         scores are those of its merge evaluated alone); its transformers model takes the weights."""
         from fedmerge_plugins.evaluation.api import load_model
 
+        if self.backend.name == "vllm":
+            os.environ.setdefault(VLLM_CALLABLES, "1")  # collective_rpc of a function (VllmWeights) on vLLM's V1 engine
         lm = load_model(model_dir, backend=self.backend)
-        return Loaded(lm.model, lm)
+        return Loaded(VllmWeights(lm.model) if self.backend.name == "vllm" else lm.model, lm)
 
     def task_objects(self) -> Dict[str, Any]:
         """lm-eval's task objects, built (data read) once per sweep and process."""

@@ -36,8 +36,13 @@ from fedmerge_plugins.sweep.grid import point_config
 
 def copy_into(module: Any, tensors: Iterable[Tuple[str, Any]]) -> None:
     """Copy each (name, tensor) into ``module``'s parameter or buffer of that name, in place
-    (cast to its dtype and device, as loading the merge's folder would)."""
+    (cast to its dtype and device, as loading the merge's folder would); a target with its own
+    ``load_weights`` (``evaluators.VllmWeights``) loads them itself."""
     import torch
+
+    if hasattr(module, "load_weights") and not isinstance(module, torch.nn.Module):
+        module.load_weights(tensors)
+        return
 
     targets = module.state_dict(keep_vars=True)
     with torch.no_grad():
