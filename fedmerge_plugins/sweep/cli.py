@@ -30,7 +30,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
               help="Any other numeric parameter as an axis (repeatable): a shared one (NAME=GRID) or one model's "
                    "(NAME@MODEL=GRID, MODEL as the recipe's models: entry writes it), e.g. weight@./models/math=0.5:1.5:0.5.")
 @click.option("--eval", "eval_spec", required=True, metavar="EVALUATOR",
-              help="lm-eval, clip, or python:MODULE:FUNCTION / python:FILE.py:FUNCTION (FUNCTION(model_dir) -> dict of scores or a number).")
+              help="lm-eval, clip, or python:MODULE:FUNCTION / python:FILE.py:FUNCTION (FUNCTION(model_dir), or FUNCTION(model) for the model loaded once, -> dict of scores or a number).")
 @click.option("--tasks", default="", help="Comma-separated tasks of the lm-eval or CLIP evaluator.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Local evaluation data (lm-eval: DATA_DIR/<task>.jsonl).")
 @click.option("--split", type=click.Choice(["validation", "test"]), default="validation", show_default=True,
