@@ -70,6 +70,12 @@ def test_point_from_captured_delta_equals_mergekit(family: Family, tmp_path: Pat
         run_merge(config_of(recipe(family, method, dtype, lam, out_dtype)), str(out), options=options)
         written = load_file(str(out / "model.safetensors"))
         produced = dict(factors.tensors(lam))
+        same = {name: torch.full_like(written[name], 7.0) for name in produced}  # written straight into these
+        wider = {name: torch.full_like(written[name], 7.0, dtype=torch.float64) for name in produced}  # cast, then copied
+        factors.write(lam, same)
+        factors.write(lam, wider)
+        for name in produced:
+            assert torch.equal(same[name], produced[name]) and torch.equal(wider[name], produced[name].double()), name
         assert set(produced) <= set(written) and len(produced) >= len(written) - 2  # norms may be constant
         for name, tensor in written.items():
             if name not in produced:

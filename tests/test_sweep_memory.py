@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from fedmerge_plugins.sweep.evaluators import PythonEvaluator
 from fedmerge_plugins.sweep.run import run_sweep
 from tests.conftest import BIN
-from tests.test_sweep import Family, tiny_family, write_recipe
+from tests.test_sweep import Family, count_reads, tiny_family, write_recipe
 
 EVALUATORS = '''
 import os
@@ -66,9 +66,11 @@ def test_model_evaluator_scores_as_the_folder_protocol_and_the_winner_reproduces
     capture = factored.capture
     monkeypatch.setattr(factored, "capture", lambda config, options: captures.append(config.parameters["rho"]) or capture(config, options))
     lines: List[str] = []
+    tensors, _ = count_reads(monkeypatch)
     memory = run_sweep(recipe, tmp_path / "memory", PythonEvaluator(f"python:{module}:from_model"), lambdas="0.4:1.2:0.4",
                        rhos="paper", echo=lines.append)
     assert any("merged into one loaded model" in line for line in lines)
+    assert set(tensors.values()) == {1} and len(tensors) == 4 * len(family.base_tensors)  # every input tensor read once
     assert len(captures) == 5 == len(set(captures))  # one D per ρ, 15 points
     assert not any((tmp_path / "memory" / "merges").glob("point-*"))  # nothing written per point
     folder = run_sweep(recipe, tmp_path / "folder", PythonEvaluator(f"python:{module}:from_folder"), lambdas="0.4:1.2:0.4",

@@ -93,8 +93,9 @@ def blockwise(group: TensorGroup, method: str, buffers: int, delta_block: BlockR
     return _blocks(base, buffers, merge_block, lambda: raise_non_finite(group, method))
 
 
-def refinish(captured: Captured, lam: float) -> torch.Tensor:
-    """The kernel's merge at ``lam`` from its captured D: the same ``finish``, blocks and cast."""
+def refinish(captured: Captured, lam: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The kernel's merge at ``lam`` from its captured D: the same ``finish``, blocks and cast
+    (into ``out``, contiguous and of the base's dtype and shape, where given)."""
     flat_delta = captured.delta.reshape(-1)
 
     def merge_block(base_block: torch.Tensor, part: slice, views: List[torch.Tensor]) -> torch.Tensor:
@@ -103,15 +104,16 @@ def refinish(captured: Captured, lam: float) -> torch.Tensor:
     def non_finite() -> None:
         raise NonFiniteError(f"{captured.method}: merged tensor is not finite (overflow); lower lambda")
 
-    return _blocks(captured.base, 1, merge_block, non_finite)
+    return _blocks(captured.base, 1, merge_block, non_finite, out)
 
 
 def _blocks(base: torch.Tensor, buffers: int, merge_block: Callable[[torch.Tensor, slice, List[torch.Tensor]], torch.Tensor],
-            non_finite: Callable[[], None]) -> torch.Tensor:
+            non_finite: Callable[[], None], out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The block loop: scratch buffers, the base block upcast, the merged block checked and cast."""
     dtype = compute_dtype(base)
     flat_base = base.reshape(-1)
-    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    if out is None:
+        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     flat_out = out.view(-1)
     numel = flat_base.numel()
     block = BLOCK if base.device.type == "cpu" else max(numel, 1)

@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Optional
 
 from fedmerge_plugins.search.engine import Evaluation, Point
 from fedmerge_plugins.sweep.errors import SweepError
@@ -34,25 +34,24 @@ from fedmerge_plugins.sweep.evaluators import Evaluator, Loaded, takes_model
 from fedmerge_plugins.sweep.grid import point_config
 
 
-def copy_into(module: Any, tensors: Iterable[Tuple[str, Any]]) -> None:
-    """Copy each (name, tensor) into ``module``'s parameter or buffer of that name, in place
-    (cast to its dtype and device, as loading the merge's folder would); a target with its own
-    ``load_weights`` (``evaluators.VllmWeights``) loads them itself."""
+def copy_into(module: Any, factors: Any, lam: float) -> None:
+    """Each computed tensor of the point (``factors`` at ``lam``) into ``module``'s parameter or
+    buffer of that name, in place (cast to its dtype, as loading the merge's folder would); a
+    target with its own ``load_weights`` (``evaluators.VllmWeights``) loads them itself."""
     import torch
 
     if hasattr(module, "load_weights") and not isinstance(module, torch.nn.Module):
-        module.load_weights(tensors)
+        module.load_weights(factors.tensors(lam))
         return
-
     targets = module.state_dict(keep_vars=True)
+    for name, captured in factors.captured.items():
+        target = targets.get(name)
+        if target is None:
+            raise SweepError(f"the loaded model has no tensor {name}; score the points from folders (--keep-merges)")
+        if target.shape != captured.base.shape:
+            raise SweepError(f"tensor {name}: the merge has shape {tuple(captured.base.shape)}, the loaded model {tuple(target.shape)}")
     with torch.no_grad():
-        for name, tensor in tensors:
-            target = targets.get(name)
-            if target is None:
-                raise SweepError(f"the loaded model has no tensor {name}; score the points from folders (--keep-merges)")
-            if target.shape != tensor.shape:
-                raise SweepError(f"tensor {name}: the merge has shape {tuple(tensor.shape)}, the loaded model {tuple(target.shape)}")
-            target.data.copy_(tensor)
+        factors.write(lam, targets)
 
 
 def point_lambda(data: Dict[str, Any], point: Optional[Point]) -> Optional[float]:
@@ -150,7 +149,7 @@ class SweepPoint:
             held.factors = capture(point_config(self.data, point), self.options)
             held.key = key
         merged = time.perf_counter()
-        copy_into(held.loaded.module, held.factors.tensors(point_lambda(self.data, point)))
+        copy_into(held.loaded.module, held.factors, point_lambda(self.data, point))
         copied = time.perf_counter()
         scores = self.evaluator.evaluate_loaded(held.loaded)  # type: ignore[attr-defined]
         timing = {"merge": merged - started, "copy": copied - merged, "evaluate": time.perf_counter() - copied}
