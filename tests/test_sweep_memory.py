@@ -64,7 +64,7 @@ def test_model_evaluator_scores_as_the_folder_protocol_and_the_winner_reproduces
     recipe = write_recipe(family, tmp_path)
     captures: List[str] = []
     capture = factored.capture
-    monkeypatch.setattr(factored, "capture", lambda config, options: captures.append(config.parameters["rho"]) or capture(config, options))
+    monkeypatch.setattr(factored, "capture", lambda config, options, **kw: captures.append(config.parameters["rho"]) or capture(config, options, **kw))
     lines: List[str] = []
     tensors, _ = count_reads(monkeypatch)
     memory = run_sweep(recipe, tmp_path / "memory", PythonEvaluator(f"python:{module}:from_model"), lambdas="0.4:1.2:0.4",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -139,8 +140,10 @@ class Factors:
         return sum(c.delta.numel() * c.delta.element_size() for c in self.captured.values())
 
 
-def capture(config: Any, options: Any) -> Factors:
-    """Plan ``config`` (a checked ``MergeConfiguration``) in memory and record every D.
+def capture(config: Any, options: Any, write_to: Optional[Path] = None) -> Factors:
+    """Plan ``config`` (a checked ``MergeConfiguration``) in memory and record every D; with
+    ``write_to``, mergekit's own ``run_merge`` also writes the merge there (config, tokenizer
+    and weights: what ``mergekit-yaml`` writes) while D is recorded.
 
     The plan is ``plan_to_disk``'s, whose save tasks name each tensor's merge task and
     output dtype; only the merge tasks run (nothing is written). (mergekit 0.1.5's
@@ -150,7 +153,7 @@ def capture(config: Any, options: Any) -> Factors:
     from mergekit.common import dtype_from_name
     from mergekit.graph import Executor
     from mergekit.io.tasks import LoaderCache, SaveTensor
-    from mergekit.merge import _model_out_config
+    from mergekit.merge import _model_out_config, run_merge
     from mergekit.plan import MergePlanner
 
     LoaderCache().setup(options=options)
@@ -159,10 +162,13 @@ def capture(config: Any, options: Any) -> Factors:
     planned = MergePlanner(config, arch_info, options=options, out_model_config=out_config).plan_to_disk("unwritten")
     saves = [task for task in planned if isinstance(task, SaveTensor)]
     out_dtypes = {save.tensor_name: dtype_from_name(save.dtype) if save.dtype else None for save in saves}
-    device = options.device
-    executor = Executor(targets=[save.tensor_task for save in saves], math_device=device,
-                        storage_device=device if options.low_cpu_memory else "cpu")
     with capture_deltas() as captured, mergekit_task_arithmetic_captured():
-        for _task, value in executor.run(quiet=True):
-            del value
+        if write_to is not None:
+            run_merge(config, str(write_to), options=options)
+        else:
+            device = options.device
+            executor = Executor(targets=[save.tensor_task for save in saves], math_device=device,
+                                storage_device=device if options.low_cpu_memory else "cpu")
+            for _task, value in executor.run(quiet=True):
+                del value
     return Factors(dict(captured), out_dtypes)

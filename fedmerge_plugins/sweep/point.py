@@ -125,14 +125,15 @@ class SweepPoint:
         return Evaluation(scores)
 
     def _load(self, point: Point) -> _Held:
-        """The evaluator's model, loaded from this point's merge (written once, then removed)."""
-        from fedmerge_plugins.sweep.merger import merge_point
+        """The evaluator's model, loaded from this point's merge (written once, its D recorded
+        meanwhile, then removed)."""
+        from fedmerge_plugins.sweep.factored import capture, delta_key
 
         name = f"point-{point.index:04d}"
         staging = self._staging(name)
         try:
-            merged = merge_point(point_config(self.data, point), staging / name, self.options)
-            return _Held(self.evaluator.load(merged))  # type: ignore[attr-defined]
+            factors = capture(point_config(self.data, point), self.options, write_to=staging / name)
+            return _Held(self.evaluator.load(staging / name), delta_key(point), factors)  # type: ignore[attr-defined]
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
