@@ -93,27 +93,34 @@ def blockwise(group: TensorGroup, method: str, buffers: int, delta_block: BlockR
     return _blocks(base, buffers, merge_block, lambda: raise_non_finite(group, method))
 
 
-def refinish(captured: Captured, lam: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The kernel's merge at ``lam`` from its captured D: the same ``finish``, blocks and cast
-    (into ``out``, contiguous and of the base's dtype and shape, where given)."""
-    flat_delta = captured.delta.reshape(-1)
-
-    def merge_block(base_block: torch.Tensor, part: slice, views: List[torch.Tensor]) -> torch.Tensor:
-        return finish(base_block, views[0].copy_(flat_delta[part]), lam)
-
-    def non_finite() -> None:
+def refinish(captured: Captured, lam: float, out: Optional[torch.Tensor] = None,
+             scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The kernel's merge at ``lam`` from its captured D: the same ``finish`` on a copy of D
+    (``scratch``: a flat compute-dtype buffer at least that large, or into ``out`` when it has
+    the compute dtype), the same finiteness check and cast to the base dtype (into ``out``,
+    contiguous and of the base's shape, where given). Whole tensors: the operations are
+    element-wise, so the kernel's blocks give the same bits."""
+    base, delta = captured.base, captured.delta
+    if out is not None and out.dtype == delta.dtype == base.dtype:
+        work = out
+    elif scratch is not None:
+        work = scratch[: delta.numel()].view(delta.shape)
+    else:
+        work = torch.empty_like(delta)
+    merged = finish(base, work.copy_(delta), lam)
+    if not all_finite(merged):
         raise NonFiniteError(f"{captured.method}: merged tensor is not finite (overflow); lower lambda")
-
-    return _blocks(captured.base, 1, merge_block, non_finite, out)
+    if out is None:
+        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    return out if merged is out else out.copy_(merged)
 
 
 def _blocks(base: torch.Tensor, buffers: int, merge_block: Callable[[torch.Tensor, slice, List[torch.Tensor]], torch.Tensor],
-            non_finite: Callable[[], None], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+            non_finite: Callable[[], None]) -> torch.Tensor:
     """The block loop: scratch buffers, the base block upcast, the merged block checked and cast."""
     dtype = compute_dtype(base)
     flat_base = base.reshape(-1)
-    if out is None:
-        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     flat_out = out.view(-1)
     numel = flat_base.numel()
     block = BLOCK if base.device.type == "cpu" else max(numel, 1)

@@ -26,7 +26,7 @@ from mergekit.merge_methods.base import TensorGroup
 from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 
 from fedmerge_plugins.methods import common
-from fedmerge_plugins.methods.common import BLOCK, Captured, capture_deltas, refinish
+from fedmerge_plugins.methods.common import Captured, capture_deltas, refinish
 from fedmerge_plugins.search.engine import Point
 
 TASK_ARITHMETIC = "task_arithmetic"
@@ -65,23 +65,17 @@ class TaskArithmeticCapture(GeneralizedTaskArithmeticMerge):
 def task_arithmetic_finish(base: torch.Tensor, mixed_delta: torch.Tensor, lam: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """mergekit's last lines: ``mixed_delta *= lambda`` when λ ≠ 1, ``(base + mixed_delta).to(base.dtype)``.
 
-    With ``out`` (contiguous, of ``base``'s dtype and shape; D in that dtype too), the same two
-    element-wise operations block by block into it, through one scratch block."""
+    With ``out`` (contiguous, of ``base``'s dtype and shape, as D is), the same two operations
+    into it: λ·D (or D) there, then ``+= base`` (addition commutes, bit for bit)."""
     if out is None or mixed_delta.dtype != base.dtype:
         if lam != 1:
             mixed_delta = mixed_delta * lam
         return (base + mixed_delta).to(base.dtype)
-    flat_base, flat_delta, flat_out = base.reshape(-1), mixed_delta.reshape(-1), out.view(-1)
-    numel = flat_base.numel()
-    block = BLOCK if base.device.type == "cpu" else max(numel, 1)
-    scratch = torch.empty(min(block, numel), dtype=base.dtype, device=base.device)
-    for start in range(0, numel, block):
-        part = slice(start, min(start + block, numel))
-        delta = flat_delta[part]
-        if lam != 1:
-            delta = torch.mul(delta, lam, out=scratch[: part.stop - start])
-        torch.add(flat_base[part], delta, out=flat_out[part])
-    return out
+    if lam != 1:
+        torch.mul(mixed_delta, lam, out=out)
+    else:
+        out.copy_(mixed_delta)
+    return out.add_(base)
 
 
 @contextlib.contextmanager
@@ -108,8 +102,9 @@ class Factors:
     captured: Dict[str, Captured]
     out_dtypes: Dict[str, Optional[torch.dtype]]
 
-    def tensor(self, name: str, lam: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Tensor ``name`` merged at ``lam`` (written into ``out`` where its dtype is the output's)."""
+    def tensor(self, name: str, lam: float, out: Optional[torch.Tensor] = None, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tensor ``name`` merged at ``lam`` (written into ``out`` where its dtype is the output's;
+        ``scratch``: refinish's buffer)."""
         captured = self.captured[name]
         dtype = self.out_dtypes.get(name)
         direct = out is not None and out.dtype == captured.base.dtype and (dtype is None or dtype == out.dtype) \
@@ -118,7 +113,7 @@ class Factors:
         if captured.method == TASK_ARITHMETIC:
             tensor = task_arithmetic_finish(captured.base, captured.delta, lam, target)
         else:
-            tensor = refinish(captured, lam, target)
+            tensor = refinish(captured, lam, target, scratch)
         return tensor if dtype is None or dtype == tensor.dtype else tensor.to(dtype=dtype)
 
     def tensors(self, lam: float) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -129,9 +124,12 @@ class Factors:
     def write(self, lam: float, targets: Dict[str, torch.Tensor]) -> None:
         """Every computed tensor at ``lam`` into ``targets[name]`` (a model's parameters), in place:
         straight into it where it has the output's dtype, else through mergekit's casts and a copy."""
+        largest = max((c.delta.numel() for c in self.captured.values()), default=0)
+        first = next(iter(self.captured.values()), None)
+        scratch = None if first is None else torch.empty(largest, dtype=first.delta.dtype, device=first.delta.device)
         for name in self.captured:
             target = targets[name].data
-            tensor = self.tensor(name, lam, target)
+            tensor = self.tensor(name, lam, target, scratch)
             if tensor is not target:
                 target.copy_(tensor)
 
