@@ -4,8 +4,10 @@ Makes (once, cached) a Llama-architecture bfloat16 base and four task checkpoint
 chosen size, then runs whole processes, interleaved (A B C … A B C …): ``mergekit-yaml``
 for task_arithmetic, fednova, fedgma, median, cclip with a cold and with a warm norm
 cache, ``mergekit-yaml --help`` (mergekit's start-up alone), ``bench/floor.py`` (read
-every input tensor once, θ_0 + λ Σ τ_t, write) and a 20-point λ sweep in memory
-(``fedmerge sweep`` of the task_arithmetic recipe with a trivial evaluator). Each child's
+every input tensor once, θ_0 + λ Σ τ_t, write), a 20-point λ sweep in memory
+(``fedmerge sweep`` of the task_arithmetic recipe with a trivial evaluator taking the loaded
+model) and a 20-point cclip sweep with lm-eval against one point by hand (``mergekit-yaml`` +
+``fedmerge eval``; ``--variants by_hand_lmeval,sweep_cclip_lmeval20`` runs only those). Each child's
 wall time, CPU time (user + system) and peak resident memory come from ``os.wait4``; its
 memory is also sampled from ``/proc/<pid>/smaps_rollup`` and split into anonymous memory
 (allocations) and file-backed pages (mmap'd safetensors, counted in RSS but not

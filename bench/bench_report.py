@@ -86,7 +86,9 @@ def point_splits(samples: Dict[str, List[dict]]) -> List[str]:
             parts = {part: statistics.median(split[part] for split in splits) for part in splits[0]}
             described = ", ".join(f"{part} {seconds:.3f} s" for part, seconds in parts.items())
             lines.append(f"- {name}, per point (median): {described}")
-    return ["Per-point split of the sweeps (merge: D when its group starts, then λ; copy into the loaded model; evaluation):", "", *lines, ""] if lines else []
+    title = ("Per-point split of the sweeps (merge: the first point's merge and model load, and D when its group starts;"
+             " copy: λ applied and written into the loaded model, one pass; evaluate: the evaluator):")
+    return [title, "", *lines, ""] if lines else []
 
 
 def verdicts(rows: Dict[str, dict], startup: dict) -> List[str]:

@@ -23,6 +23,7 @@ from tests.test_sweep import Family, count_reads, tiny_family, write_recipe
 
 EVALUATORS = '''
 import os
+import signal
 from safetensors.torch import load_file, save_file
 
 GOAL = {goal!r}
@@ -41,6 +42,8 @@ def from_folder(model_dir):
 def from_model(model):
     state = {{k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}}
     os.makedirs(SAVED, exist_ok=True)
+    if os.environ.get("KILL_AT") and len(os.listdir(SAVED)) + 1 == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
     save_file(state, os.path.join(SAVED, f"{{len(os.listdir(SAVED)):04d}}.safetensors"))
     return {{"closeness": closeness(state)}}
 '''
@@ -255,3 +258,25 @@ def test_vllm_path_on_a_fake_engine_loads_each_point_then_resets_the_prefix_cach
     per_point = " ".join(engine.events).split("reset")
     assert len(per_point) == 5 and per_point[-1] == ""  # 4 points, each ended by a reset of the prefix cache
     assert all(part.strip().count("load") >= 2 for part in per_point[:-1])  # in chunks
+
+
+@pytest.mark.slow
+def test_in_memory_sweep_killed_and_resumed(family: Family, tmp_path: Path) -> None:
+    """``fedmerge sweep`` with a model-taking evaluator SIGKILLed while scoring its 4th point;
+    the same sweep again scores only the rest, and the log has every point once."""
+    module = evaluators(family, tmp_path)
+    recipe = write_recipe(family, tmp_path)
+    out = tmp_path / "out"
+    command = [str(BIN / "fedmerge"), "sweep", str(recipe), "--lambda", "0.4,0.8", "--rho", "0.05,0.5,5",
+               "--eval", f"python:{module}:from_model", "--out", str(out)]
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "KILL_AT": "4"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    first = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(first) == 3
+    lines: List[str] = []
+    outcome = run_sweep(recipe, out, PythonEvaluator(f"python:{module}:from_model"), lambdas="0.4,0.8", rhos="0.05,0.5,5",
+                        echo=lines.append)
+    assert any("3 already in" in line for line in lines) and outcome.merges == 3
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert records[:3] == first and sorted(r["index"] for r in records) == list(range(6))
+    assert len(list((tmp_path / "saved").iterdir())) == 6  # 3 scored, 3 more after the kill (the killed one saved nothing)
