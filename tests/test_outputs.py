@@ -366,7 +366,7 @@ def test_odd_grids_and_paths_get_their_own_message(family: Family, evaluator: st
         (recipe, ["--lambda", "0.2:1:0"], "--lambda: grid step must be > 0; got 0.0"),
         (cclip, ["--lambda", "1", "--rho", "1e309"], "--rho: grid value '1e309' is beyond the float range"),
         (recipe, ["--lambda", "0:1:1e-9"], "--lambda: the grid 0.0:1.0:1e-09 has 1,000,000,001 points, more than the limit of 10,000"),
-        (cclip, ["--lambda", "0.1:1:0.1", "--rho", "1,2", "--max-points", "15"], "the λ × ρ grid has 20 points, more than the limit of 15"),
+        (cclip, ["--lambda", "0.1:1:0.1", "--rho", "1,2", "--max-points", "15"], "the grid has 20 points, more than the limit of 15"),
     ]
     for path, grid, needle in cases:
         line = one_line(sweep(path, out, evaluator, *grid))
