@@ -1,5 +1,6 @@
 # make test: create .venv, install torch (CPU build) first, then fedmerge with its test extras, run the tests.
-# make demo: the same environment, then the paper's LLM experiment in miniature (`fedmerge demo`).
+# make demo: the same environment, then the paper's LLM experiment in miniature (`fedmerge demo`);
+#   options pass through ARGS, e.g. make demo ARGS="--size small --out /tmp/demo".
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -29,7 +30,7 @@ test: venv sandbox-tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: venv
-	$(BIN)/fedmerge demo
+	$(BIN)/fedmerge demo $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo-out
