@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from fedmerge_plugins.search import grids
-from fedmerge_plugins.clip.experiment import ExperimentSpec, Training, merge_parameters, read_training, subsets
-from fedmerge_plugins.search.engine import ResultLog, best_index, merge_in_memory
+from fedmerge_plugins.clip.experiment import ExperimentSpec, Training, read_training, subsets
+from fedmerge_plugins.search.engine import ResultLog, best_index, merge_in_memory, point_parameters
 from fedmerge_plugins.clip.tasks import PAPER_TASKS, shipped, task_text
 
 PAPER_NORMS = [2.77, 2.71, 1.92, 2.04, 23.90, 3.03, 2.80, 3.07]  # appendix B.1.5, heterogeneous
@@ -120,7 +120,7 @@ def test_merge_in_memory_matches_formulas(method: str) -> None:
     norms = {t: math.sqrt(sum(float(tau[k][i].pow(2).sum()) for k in base)) for i, t in enumerate(tasks)}
     training = {"t1": Training(100, 1e-3), "t2": Training(300, 1e-3), "t3": Training(100, 2e-3), "t4": Training(50, 1e-4)}
     point = {"lambda": 0.7, "rho": 0.5} if method == "fedgma" else {"lambda": 0.7, "rho": 2.0} if method == "cclip" else {"lambda": 0.7}
-    merged = merge_in_memory(base, models, method, merge_parameters(method, point, tasks, norms, training))
+    merged = merge_in_memory(base, models, method, point_parameters(method, point, tasks, norms=norms, training=training))
     for k, vectors in tau.items():
         stacked = torch.stack(vectors)
         if method == "fednova":

@@ -51,7 +51,7 @@ from fedmerge_plugins.search.engine import (
 from fedmerge_plugins.search.workers import WorkerSettings, call, run_units
 
 __all__ = ["BASELINE", "Experiment", "ExperimentSpec", "ResultLog", "Training", "best_index", "merge_in_memory",
-           "merge_parameters", "read_training", "subsets"]
+           "read_training", "subsets"]
 
 METHODS: Tuple[str, ...] = SEARCH_METHODS
 Params = Dict[str, float]
@@ -139,13 +139,6 @@ def subsets(tasks: Sequence[str], min_size: int = 2) -> List[Subset]:
     """Every subset of at least ``min_size`` tasks, by size, then in task order
     (247 for eight tasks and min_size 2)."""
     return [c for size in range(min_size, len(tasks) + 1) for c in itertools.combinations(tasks, size)]
-
-
-def merge_parameters(
-    method: str, point: Params, subset: Subset, norms: Mapping[str, float], training: Optional[Mapping[str, Training]]
-) -> Dict[str, Any]:
-    """The mergekit parameters of one grid point (shared values plus per-model ones)."""
-    return point_parameters(method, point, subset, norms=norms, training=training)
 
 
 def group_name(subset: Sequence[str], method: str) -> str:
