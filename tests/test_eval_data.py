@@ -10,7 +10,7 @@ import pytest
 from fedmerge_plugins.evaluation import prompts
 from fedmerge_plugins.evaluation.loaders import load_task_dataset, load_task_records, read_jsonl, split_indices
 from fedmerge_plugins.evaluation.report import alpaca_eval_records, format_table, write_alpaca_eval_outputs
-from fedmerge_plugins.evaluation.tasks import parse_task_list
+from fedmerge_plugins.evaluation.lm_eval_tasks import parse_names, resolve_tasks
 from tests.eval_fixtures import write_jsonl
 
 HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -106,12 +106,11 @@ def test_validation_split_is_seeded_disjoint_and_complete(tmp_path):
 
 
 def test_task_list_parsing():
-    assert parse_task_list("GSM8K, math,gsm8k") == ("gsm8k", "math")
-    assert parse_task_list(["mbpp", "instruct"]) == ("mbpp", "instruct")
-    with pytest.raises(ValueError, match="unknown evaluation task.*alpaca"):
-        parse_task_list("gsm8k,alpaca")
+    assert parse_names("GSM8K, math,gsm8k") == ("gsm8k", "math")
+    assert resolve_tasks(["mbpp", "instruct"]) == (("mbpp", "instruct"), False)
+    assert parse_names("gsm8k, Arc_Easy") == ("gsm8k", "Arc_Easy")
     with pytest.raises(ValueError, match="no evaluation task"):
-        parse_task_list(" , ")
+        parse_names(" , ")
 
 
 def test_table_layout():

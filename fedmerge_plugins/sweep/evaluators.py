@@ -87,11 +87,12 @@ class PythonEvaluator:
 
 
 class LmEvalEvaluator:
-    """The paper's LLM tasks through lm-eval (``fedmerge eval``'s engine)."""
+    """The paper's LLM tasks, or any lm-eval task (stock, or from ``include_path``), through
+    lm-eval (``fedmerge eval``'s engine); each task scores its primary metric."""
 
     def __init__(self, tasks: Sequence[str], **options: Any) -> None:
         from fedmerge_plugins.evaluation.api import check_request
-        from fedmerge_plugins.evaluation.tasks import parse_task_list
+        from fedmerge_plugins.evaluation.lm_eval_tasks import resolve_tasks
 
         from fedmerge_plugins.evaluation.backends import Backend, BackendError
 
@@ -101,13 +102,12 @@ class LmEvalEvaluator:
         backend: Backend = options.get("backend") or Backend()
         try:
             backend.check()
-            self.tasks = parse_task_list(tuple(tasks))
+            self.tasks, _ = resolve_tasks(tuple(tasks), options.get("include_path") or ())
             check_request(self.tasks, **checked)
         except BackendError as error:
             raise SweepError(f"--eval lm-eval: {error}") from None
         except (ValueError, FileNotFoundError) as error:
-            hint = " (pass --validation-fraction, or --split test)" if "validation fraction" in str(error) else ""
-            raise SweepError(f"--eval lm-eval: {error}{hint}") from None
+            raise SweepError(f"--eval lm-eval: {error}") from None
         shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(options.items()) if k not in ("device", "backend")}
         # the backend generates differently (hf and vllm differ in numerics); its parallelism does not count
         suffix = "" if backend.name == "hf" else f" backend={backend.name}"
@@ -180,20 +180,16 @@ def make_evaluator(spec: str, *, tasks: Sequence[str] = (), **options: Any) -> E
 
 
 def load_reference(path: Optional[Path]) -> Optional[Scores]:
-    """Reference scores from JSON: ``{name: score}`` or ``{"scores": {name: score}}``."""
+    """Reference scores from JSON: ``{name: score}`` or ``{"scores": {name: score}}``
+    (``fedmerge eval --reference`` reads the same files)."""
+    from fedmerge_plugins.evaluation.intervals import read_reference
+
     if path is None:
         return None
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise SweepError(f"--reference-scores {path}: cannot read it: {error}") from None
-    if isinstance(data, Mapping) and isinstance(data.get("scores"), Mapping):
-        data = data["scores"]
-    scores = _as_scores(data, str(path))
-    zero = [name for name, score in scores.items() if score == 0]
-    if zero:
-        raise SweepError(f"--reference-scores {path}: reference score of {', '.join(zero)} is 0")
-    return scores
+        return read_reference(path)
+    except ValueError as error:
+        raise SweepError(f"--reference-scores {error}") from None
 
 
 def selection_score(scores: Scores, reference: Optional[Scores] = None) -> float:
