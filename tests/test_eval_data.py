@@ -90,8 +90,11 @@ def test_validation_split_is_seeded_disjoint_and_complete(tmp_path):
     assert validation != split_indices(count, "validation", 0.05, seed=99)
     assert split_indices(10, "validation", 0.01, seed=0) != []  # at least one item
     assert split_indices(5, "test", None, seed=0) == [0, 1, 2, 3, 4]
+    assert split_indices(5, "validation", None, seed=0) == [0, 1, 2, 3, 4]  # a local file is the split
+    from fedmerge_plugins.evaluation.loaders import check_split
+
     with pytest.raises(ValueError, match="needs a validation fraction"):
-        split_indices(5, "validation", None, seed=0)
+        check_split("validation", None, local=False)
     with pytest.raises(ValueError, match="too few"):
         split_indices(1, "test", 0.5, seed=0)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from fedmerge_plugins.evaluation.backends import Backend
 from fedmerge_plugins.evaluation.lm_eval_tasks import IncludePath, PrimaryMetric, lm_eval_name, primary_metric, resolve_tasks, task_manager, tasks_dir
 from fedmerge_plugins.evaluation.loaders import check_split, local_path
+from fedmerge_plugins.evaluation.quiet import library_noise_off, quiet_git_describe
 from fedmerge_plugins.evaluation.sandbox import require_isolation
 from fedmerge_plugins.evaluation.tasks import PAPER_TASKS, TASKS
 from fedmerge_plugins.guards.model_folder import check_model_folder
@@ -46,6 +47,7 @@ def _prepare_lm_eval() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(existing, _DropExpectedWarnings) for existing in logger.filters):
             logger.addFilter(_DropExpectedWarnings())
+    quiet_git_describe()
     if getattr(evaluator.add_env_info, "fedmerge_cached", False):
         return
     collect, cached = evaluator.add_env_info, {}
@@ -150,8 +152,9 @@ def load_tasks(
         metadata["data_dir"] = str(Path(data_dir).resolve())
     if validation_fraction is not None:
         metadata["validation_fraction"] = validation_fraction
-    manager = task_manager(include_path, stock=stock, metadata=metadata)
-    loaded = manager.load([lm_eval_name(name) for name in tasks])["tasks"]
+    with library_noise_off():
+        manager = task_manager(include_path, stock=stock, metadata=metadata)
+        loaded = manager.load([lm_eval_name(name) for name in tasks])["tasks"]
     return {name: loaded[lm_eval_name(name)] for name in tasks}
 
 
@@ -166,7 +169,23 @@ def load_model(
     """lm-eval's ``hf`` model on a local directory (float32 on CPU, the checkpoint's dtype
     elsewhere), or the model ``backend`` describes (``Backend(name="vllm", ...)``)."""
     backend = backend or Backend(device=device, batch_size=batch_size, dtype=dtype)
-    return backend.load(model_dir)
+    with library_noise_off():
+        return backend.load(model_dir)
+
+
+def simple_evaluate(lm: Any, task_objects: Mapping[str, Any], limit: Optional[int], max_gen_toks: Optional[int], allow_code_execution: bool) -> Dict[str, Any]:
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(task_objects.values()),
+        limit=limit,
+        gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
+        log_samples=True,
+        confirm_run_unsafe_code=allow_code_execution,
+        # without a manager simple_evaluate indexes lm-eval's ~10k stock task files (~11 s)
+        task_manager=task_manager(),
+    )
 
 
 def evaluate_lm(
@@ -180,8 +199,6 @@ def evaluate_lm(
     model_name: str = "model",
 ) -> EvalResult:
     """Run loaded tasks (from ``load_tasks``) on an lm-eval model object."""
-    import lm_eval
-
     _prepare_lm_eval()
     for short, task in task_objects.items():
         wanted = max_gen_toks or own_limit(task)
@@ -190,16 +207,8 @@ def evaluate_lm(
                 f"{model_name}: {short} generates up to {wanted} tokens but the model's context is only "
                 f"{lm.max_length}; lower --max-gen-toks (max_gen_toks)"
             )
-    raw = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(task_objects.values()),
-        limit=limit,
-        gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
-        log_samples=True,
-        confirm_run_unsafe_code=allow_code_execution,
-        # without a manager simple_evaluate indexes lm-eval's ~10k stock task files (~11 s)
-        task_manager=task_manager(),
-    )
+    with library_noise_off():
+        raw = simple_evaluate(lm, task_objects, limit, max_gen_toks, allow_code_execution)
     raw["config"]["model"] = model_name
     scores, counts, metrics = {}, {}, {}
     for name, task in task_objects.items():
