@@ -469,3 +469,19 @@ def test_max_gen_toks_is_lowered_to_what_the_context_leaves(chain_model, chain_d
     first = min(result.raw["samples"]["fedmerge_gsm8k"], key=lambda sample: sample["doc_id"])
     assert first["arguments"][0][1]["max_gen_toks"] == 96 - longest
     assert result.scores["gsm8k"] == pytest.approx(_mean(label for _, label in CHAIN_DATA["gsm8k"]))
+
+
+def test_the_sweep_refuses_to_select_on_a_lower_is_better_metric(monkeypatch, tmp_path):
+    from fedmerge_plugins.errors import FedmergeError
+    from fedmerge_plugins.evaluation import api
+    from fedmerge_plugins.evaluation.lm_eval_tasks import PrimaryMetric
+    from fedmerge_plugins.sweep.evaluators import LmEvalEvaluator
+
+    metrics = {"gsm8k": PrimaryMetric("exact_match", "none", True)}
+    monkeypatch.setattr(api, "evaluate_model", lambda model_dir, tasks, **options: api.EvalResult({"gsm8k": 0.5}, {}, metrics=dict(metrics)))
+    (tmp_path / "gsm8k.jsonl").write_text("{}\n")
+    evaluator = LmEvalEvaluator(["gsm8k"], data_dir=tmp_path)
+    assert evaluator.evaluate(tmp_path) == {"gsm8k": 0.5}
+    metrics["gsm8k"] = PrimaryMetric("perplexity", "none", False)
+    with pytest.raises(FedmergeError, match=r"first metric of gsm8k \(perplexity\) is better when lower"):
+        evaluator.evaluate(tmp_path)

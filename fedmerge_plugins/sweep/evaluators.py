@@ -116,7 +116,11 @@ class LmEvalEvaluator:
     def evaluate(self, model_dir: Path) -> Scores:
         from fedmerge_plugins.evaluation.api import evaluate_model
 
-        return _as_scores(evaluate_model(model_dir, self.tasks, **self.options).scores, "lm-eval")
+        result = evaluate_model(model_dir, self.tasks, **self.options)
+        lower = [f"{name} ({metric.metric})" for name, metric in result.metrics.items() if not metric.higher_is_better]
+        if lower:  # the selection takes the highest mean
+            raise SweepError(f"--eval lm-eval: the first metric of {', '.join(lower)} is better when lower; select on a task whose first metric is higher-is-better")
+        return _as_scores(result.scores, "lm-eval")
 
 
 class ClipEvaluator:
