@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Sequence
+from typing import Callable, List, Mapping, Sequence
 
-from fedmerge_plugins.catalogue import BASELINE, LABELS
+from fedmerge_plugins.catalogue import LABELS
 from fedmerge_plugins.demo.build import TASK_MODELS
-from fedmerge_plugins.demo.compare import ALL_THREE, by_setting, chart_series
+from fedmerge_plugins.demo.compare import by_setting, chart_series
 from fedmerge_plugins.demo.data import TASK_LABELS, TASKS
 from fedmerge_plugins.demo.recipes import MERGE_SETS
 from fedmerge_plugins.demo.environment import environment_lines
