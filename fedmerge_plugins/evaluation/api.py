@@ -151,9 +151,13 @@ def load_tasks(
         metadata["data_dir"] = str(Path(data_dir).resolve())
     if validation_fraction is not None:
         metadata["validation_fraction"] = validation_fraction
+    ours, others = [n for n in tasks if n in TASKS], [n for n in tasks if n not in TASKS]
+    loaded: Dict[str, Any] = {}
     with library_noise_off():
-        manager = task_manager(include_path, stock=stock, metadata=metadata)
-        loaded = manager.load([lm_eval_name(name) for name in tasks])["tasks"]
+        if ours:  # with the metadata that picks their data and split
+            loaded.update(task_manager(metadata=metadata).load([lm_eval_name(n) for n in ours])["tasks"])
+        if others:
+            loaded.update(task_manager(include_path, stock=stock).load(others)["tasks"])
     return {name: loaded[lm_eval_name(name)] for name in tasks}
 
 
