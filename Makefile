@@ -1,14 +1,16 @@
 # make test: create .venv, install torch (CPU build) first, then fedmerge with its test extras, run the tests.
 # make demo: the same environment, then the paper's LLM experiment in miniature (`fedmerge demo`);
 #   options pass through ARGS, e.g. make demo ARGS="--size small --out /tmp/demo".
+# make mergekit-tests: the installed mergekit's own test suite with fedmerge installed (make test runs it last).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+MERGEKIT_TESTS_CACHE ?= .cache/mergekit-tests
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedmerge-installed
 
-.PHONY: test demo venv clean sandbox-tools
+.PHONY: test demo venv clean sandbox-tools mergekit-tests
 
 venv: $(STAMP)
 
@@ -28,6 +30,11 @@ sandbox-tools:
 
 test: venv sandbox-tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python .ci/mergekit_suite.py --cache $(MERGEKIT_TESTS_CACHE)
+
+# mergekit's sdist for the installed version, fetched once into $(MERGEKIT_TESTS_CACHE); offline: skipped in one line
+mergekit-tests: venv
+	$(BIN)/python .ci/mergekit_suite.py --cache $(MERGEKIT_TESTS_CACHE)
 
 demo: venv
 	$(BIN)/fedmerge demo $(ARGS)

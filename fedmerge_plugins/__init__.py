@@ -14,32 +14,42 @@ from fedmerge_plugins.catalogue import METHOD_NAMES  # noqa: E402  (pure data, n
 def register() -> None:
     """Register the four methods in mergekit's registry; calling it again is harmless.
 
-    The method objects are imported from their own modules (``catalogue.CATALOGUE``), not
-    from ``fedmerge_plugins.methods``, so registering works while that package is still
-    being imported (its first line imports mergekit's registry, whose import hook calls
-    this). A method whose module (or a module it needs, e.g. ``params``) is itself still
-    being imported at that moment is skipped; the hooks on ``mergekit.merge`` and
-    ``mergekit.plan`` call this again, so a merge always finds all four.
+    A method is taken from its module once that module's import has completed; while a
+    module of ``fedmerge_plugins.methods`` is itself being imported (its first line imports
+    mergekit's registry, whose import hook calls this), nothing is imported from here:
+    ``fedmerge_plugins.methods`` calls this again at the end of its own import, and the
+    hooks on ``mergekit.merge`` and ``mergekit.plan`` do too, so a merge finds all four.
     """
-    import importlib
-
     from mergekit.merge_methods import registry
 
     from fedmerge_plugins.catalogue import CATALOGUE
 
-    present = {method.spec.name for method in registry.registered_methods()}
     for info in CATALOGUE:
-        if not info.own or info.name in present:
+        if not info.own or any(m.spec.name == info.name for m in registry.registered_methods()):
             continue
-        module, attribute = info.target.split(":")
-        try:
-            method = getattr(importlib.import_module(module), attribute, None)
-        except ImportError as error:
-            if "partially initialized" not in str(error):
-                raise
-            continue
-        if method is not None:
-            registry.register(method)
+        method = _completed(info.target)
+        if method is not None and not any(m.spec.name == info.name for m in registry.registered_methods()):
+            registry.register(method)  # (importing the module may have registered it)
+
+
+def _initializing(module: object) -> bool:
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def _completed(target: str) -> object:
+    """The object ``module:attribute`` names, importing its module unless that would run
+    into a method module still being imported (then None: registered later)."""
+    import importlib
+    import sys
+
+    name, attribute = target.split(":")
+    module = sys.modules.get(name)
+    if module is None or _initializing(module):
+        importing = any(key.startswith("fedmerge_plugins.methods") and _initializing(m) for key, m in list(sys.modules.items()))
+        if module is not None or importing:
+            return None
+        module = importlib.import_module(name)
+    return getattr(module, attribute, None)
 
 
 def install_planner_check() -> None:

@@ -3,13 +3,15 @@ so ``fedmerge --help`` does not import torch, mergekit or lm-eval."""
 
 from __future__ import annotations
 
-import contextlib
+import errno
+import functools
 import importlib
-from typing import Any, Callable, Dict, Iterator, List, Optional
+import os
+from typing import Any, Callable, Dict, List, Optional
 
 import click
 
-from fedmerge_plugins.errors import FedmergeError
+from fedmerge_plugins.boundary import one_line_errors
 
 # name -> "module:attribute" of a click command or group
 COMMANDS: Dict[str, str] = {
@@ -21,16 +23,37 @@ COMMANDS: Dict[str, str] = {
 }
 
 
-@contextlib.contextmanager
-def one_line_errors(verbose: bool = False) -> Iterator[None]:
-    """Turn a ``FedmergeError`` raised inside the block into a one-line click error
-    (``verbose`` re-raises it, traceback included)."""
-    try:
-        yield
-    except FedmergeError as error:
-        if verbose:
-            raise
-        raise click.ClickException(str(error)) from None
+def error_boundary(command: click.Command) -> click.Command:
+    """The one error boundary of a ``fedmerge`` command (used as a decorator on each): a
+    ``FedmergeError`` raised while it runs becomes one line (with ``-v``/``--verbose``, where
+    the command has it, the traceback); any other exception keeps its traceback."""
+    callback = command.callback
+    if callback is not None and not getattr(callback, "error_boundary", False):
+
+        @functools.wraps(callback)
+        def bounded(*args: Any, **kwargs: Any) -> Any:
+            with one_line_errors(bool(kwargs.get("verbose"))):
+                return callback(*args, **kwargs)
+
+        bounded.error_boundary = True  # type: ignore[attr-defined]
+        command.callback = bounded
+    return command
+
+
+class ExistingPath(click.Path):
+    """``click.Path(exists=True)`` that calls a symbolic link loop one (click says "does
+    not exist")."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(exists=True, **options)
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        try:
+            os.stat(value)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                self.fail(f"{os.fsdecode(value)!r} is a symbolic link loop", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 _WORKER_OPTIONS = (

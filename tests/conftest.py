@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -16,10 +17,17 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(autouse=True)
 def private_norm_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Each test sees an empty on-disk and in-process norm cache of its own."""
+    """Each test sees an empty on-disk and in-process norm cache of its own: a cache file
+    of its own, and the process's cache keeps one memory per file."""
     directory = tmp_path_factory.mktemp("norm-cache")
     monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(directory))
-    from fedmerge_plugins.norms.cache import CACHE
-
-    CACHE.clear_memory()
     return directory
+
+
+@pytest.fixture
+def new_process(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """``new_process()``: from then on the process's norm cache knows only what its file
+    holds, as the cache a new process makes at import."""
+    from fedmerge_plugins.norms import cache
+
+    return lambda: monkeypatch.setattr(cache, "CACHE", cache.NormCache())

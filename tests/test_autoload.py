@@ -39,6 +39,26 @@ def test_mergekit_registry_has_the_methods_without_any_import_of_ours() -> None:
     assert out == " ".join(METHODS)
 
 
+@pytest.mark.parametrize("first", [
+    "fedmerge_plugins.methods", "fedmerge_plugins.methods.params", "fedmerge_plugins.methods.fednova",
+    "fedmerge_plugins.guards.recipe", "mergekit.merge_methods", "mergekit.merge_methods.registry",
+])
+def test_every_import_order_registers_all_four(first: str) -> None:
+    """register() takes a method from a completed import: whichever module a program
+    imports first, the registry ends with all four (-S: without the autoload, the methods
+    package registers them itself at the end of its import)."""
+    code = (
+        f"import {first}\n"
+        "from mergekit.merge_methods import registry\n"
+        f"print(' '.join(n for n in {METHODS!r} if n in {{m.spec.name for m in registry.registered_methods()}}))"
+    )
+    assert python(code) == " ".join(METHODS)
+    purelib = sysconfig.get_paths()["purelib"]
+    root = str(Path(__file__).resolve().parents[1])
+    bare = f"import sys; sys.path[:0] = [{root!r}, {purelib!r}]\nimport fedmerge_plugins.methods.params\n" + code
+    assert python(bare, "-S") == " ".join(METHODS)
+
+
 def test_mergekit_yaml_help_still_works() -> None:
     run = subprocess.run([str(BIN / "mergekit-yaml"), "--help"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "CONFIG_FILE" in run.stdout
@@ -95,3 +115,19 @@ def test_regular_wheel_install_autoloads(tmp_path: Path) -> None:
         f"print(registry.get('cclip').spec.name, fedmerge_plugins.__file__.startswith({str(target)!r}))"
     )
     assert python(code, "-S", cwd=tmp_path) == "cclip True"  # not the checkout's package
+
+
+def test_mergekit_suite_is_skipped_in_one_line_when_offline(tmp_path: Path) -> None:
+    """``make mergekit-tests`` (.ci/mergekit_suite.py) without a reachable package index:
+    one line saying why, exit 0, nothing half-made in its cache."""
+    import os
+
+    script = Path(__file__).resolve().parents[1] / ".ci" / "mergekit_suite.py"
+    env = {**os.environ, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "3",
+           "PIP_NO_INDEX": "", "PIP_FIND_LINKS": ""}
+    done = subprocess.run([sys.executable, str(script), "--cache", str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [done.stdout.strip()] and done.stdout.startswith(
+        "mergekit-tests: skipped: cannot fetch mergekit==") and "from the package index" in done.stdout
+    assert not list((tmp_path / "cache").rglob("*.tar.gz"))

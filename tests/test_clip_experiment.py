@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
+from fedmerge_plugins.errors import FedmergeError
 from fedmerge_plugins.clip import data as clip_data
 from fedmerge_plugins.clip.cli import clip_group
 from fedmerge_plugins.clip.evaluate import Session
@@ -184,9 +185,9 @@ def test_folder_label_rules() -> None:
                       "PermanentCrop", "Residential", "River", "SeaLake"]
     assert clip_data.folder_labels("eurosat", sorted_folders, names)["SeaLake"] == 9  # ImageFolder order
     assert clip_data.folder_labels("gtsrb", ["00000", "00042"], shipped("gtsrb").classnames) == {"00000": 0, "00042": 42}
-    with pytest.raises(ValueError, match="task eurosat: 2 class folders .* match neither its 10 class names"):
+    with pytest.raises(FedmergeError, match="task eurosat: 2 class folders .* match neither its 10 class names"):
         clip_data.folder_labels("eurosat", ["Forest", "Moon"], names)
-    with pytest.raises(ValueError, match="task mnist: class folder 12 is not a label"):
+    with pytest.raises(FedmergeError, match="task mnist: class folder 12 is not a label"):
         clip_data.folder_labels("mnist", ["3", "12"], shipped("mnist").classnames)
 
 
@@ -203,7 +204,7 @@ def test_validation_carved_from_train_or_capped(world: World) -> None:
     eurosat = clip_data.open_task(world.data, "eurosat")
     assert clip_data.split_indices(eurosat, "validation", clip_data.SplitSettings()) == ("validation", list(range(9)))
     assert len(clip_data.split_indices(eurosat, "validation", clip_data.SplitSettings(max_val=4))[1]) == 4
-    with pytest.raises(ValueError, match="task mnist: .* has no validation split"):
+    with pytest.raises(FedmergeError, match="task mnist: .* has no validation split"):
         mnist.split("validation")
 
 

@@ -18,6 +18,7 @@ from mergekit.merge_methods import registry
 
 import numpy as np
 
+from fedmerge_plugins.errors import FedmergeError
 from fedmerge_plugins.search import engine as search
 from fedmerge_plugins.demo import data, stats
 from fedmerge_plugins.demo.build import TASK_MODELS, build_models, cache_key, cached_manifest, candidate_name
@@ -98,7 +99,7 @@ def test_later_seeds_reuse_the_searched_grid_position() -> None:
 
 def test_normalized_accuracy_and_zero_reference() -> None:
     assert normalized({"gsm8k": 0.3, "instruct": 0.5}, {"gsm8k": 0.6, "instruct": 0.5}) == {"gsm8k": 0.5, "instruct": 1.0}
-    with pytest.raises(ValueError, match="math model scores 0 on its own gsm8k"):
+    with pytest.raises(FedmergeError, match="math model scores 0 on its own gsm8k"):
         normalized({"gsm8k": 0.3}, {"gsm8k": 0.0})
 
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from fedmerge_plugins.errors import DataError, FedmergeError, PathError
 from fedmerge_plugins.evaluation import prompts
 from fedmerge_plugins.evaluation.loaders import load_task_dataset, load_task_records, read_jsonl, split_indices
 from fedmerge_plugins.evaluation.report import alpaca_eval_records, format_table, write_alpaca_eval_outputs
@@ -58,24 +59,24 @@ def test_local_records_are_normalized(tmp_path):
 
 
 def test_bad_local_data_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="gsm8k.jsonl"):
+    with pytest.raises(PathError, match="gsm8k.jsonl"):
         load_task_records("gsm8k", data_dir=tmp_path)
     write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "q", "answer": "#### 4"}, {"question": "q"}])
-    with pytest.raises(ValueError, match=r"gsm8k.jsonl, record 2: missing field\(s\) answer"):
+    with pytest.raises(FedmergeError, match=r"gsm8k.jsonl, record 2: missing field\(s\) answer"):
         load_task_records("gsm8k", data_dir=tmp_path)
     write_jsonl(tmp_path / "math.jsonl", [{"problem": "p", "solution": "no box"}])
-    with pytest.raises(ValueError, match=r"math.jsonl, record 1: .*boxed"):
+    with pytest.raises(FedmergeError, match=r"math.jsonl, record 1: .*boxed"):
         load_task_records("math", data_dir=tmp_path)
     write_jsonl(tmp_path / "mbpp.jsonl", [{"task_id": 1, "text": "t", "test_list": "assert x"}])
-    with pytest.raises(ValueError, match="mbpp.jsonl, record 1: test_list"):
+    with pytest.raises(FedmergeError, match="mbpp.jsonl, record 1: test_list"):
         load_task_records("mbpp", data_dir=tmp_path)
     (tmp_path / "instruct.jsonl").write_text('{"instruction": "a", "output": "b"}\nnot json\n')
-    with pytest.raises(ValueError, match="instruct.jsonl, line 2: not JSON"):
+    with pytest.raises(FedmergeError, match="instruct.jsonl, line 2: not JSON"):
         read_jsonl(tmp_path / "instruct.jsonl")
-    with pytest.raises(ValueError, match="no public dataset"):
+    with pytest.raises(FedmergeError, match="no public dataset"):
         load_task_records("instruct")
     write_jsonl(tmp_path / "instruct.jsonl", [{"instruction": "a", "output": "b"}])
-    with pytest.raises(ValueError, match=r"instruct.jsonl: 1 item\(s\) are too few"):
+    with pytest.raises(FedmergeError, match=r"instruct.jsonl: 1 item\(s\) are too few"):
         load_task_records("instruct", data_dir=tmp_path, validation_fraction=0.05)
 
 
@@ -93,11 +94,11 @@ def test_validation_split_is_seeded_disjoint_and_complete(tmp_path):
     assert split_indices(5, "validation", None, seed=0) == [0, 1, 2, 3, 4]  # a local file is the split
     from fedmerge_plugins.evaluation.loaders import check_split
 
-    with pytest.raises(ValueError, match="needs a validation fraction"):
+    with pytest.raises(DataError, match="needs a validation fraction"):
         check_split("validation", None, local=False)
-    with pytest.raises(ValueError, match="too few"):
+    with pytest.raises(FedmergeError, match="too few"):
         split_indices(1, "test", 0.5, seed=0)
-    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+    with pytest.raises(FedmergeError, match=r"\(0, 1\)"):
         split_indices(10, "test", 1.0, seed=0)
     records = [{"instruction": f"i{n}", "output": str(n)} for n in range(20)]
     write_jsonl(tmp_path / "instruct.jsonl", records)
@@ -112,7 +113,7 @@ def test_task_list_parsing():
     assert parse_names("GSM8K, math,gsm8k") == ("gsm8k", "math")
     assert resolve_tasks(["mbpp", "instruct"]) == (("mbpp", "instruct"), False)
     assert parse_names("gsm8k, Arc_Easy") == ("gsm8k", "Arc_Easy")
-    with pytest.raises(ValueError, match="no evaluation task"):
+    with pytest.raises(DataError, match="no evaluation task"):
         parse_names(" , ")
 
 

@@ -21,6 +21,7 @@ from typing import Dict, List, Tuple
 import pytest
 from click.testing import CliRunner
 
+from fedmerge_plugins.errors import DataError
 from fedmerge_plugins.evaluation import prompts
 from fedmerge_plugins.evaluation.loaders import split_indices
 from tests.eval_fixtures import scripted_hflm, write_chain_model, write_jsonl
@@ -426,9 +427,9 @@ def test_stock_task_names_resolve_through_lm_evals_index():
     from fedmerge_plugins.evaluation.lm_eval_tasks import resolve_tasks
 
     assert resolve_tasks("gsm8k, arc_easy") == (("gsm8k", "arc_easy"), True)
-    with pytest.raises(ValueError, match="unknown evaluation task.*arc_eazy.*did you mean arc_easy"):
+    with pytest.raises(DataError, match="unknown evaluation task.*arc_eazy.*did you mean arc_easy"):
         resolve_tasks("arc_eazy")
-    with pytest.raises(ValueError, match="mmlu: an lm-eval group or tag"):
+    with pytest.raises(DataError, match="mmlu: an lm-eval group or tag"):
         resolve_tasks("mmlu")
 
 
@@ -442,7 +443,7 @@ def test_wilson_interval_and_reference_reading(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"fedmerge_scores": {"gsm8k": 0.5}}))
     assert read_reference(tmp_path / "r.json") == {"gsm8k": 0.5}
     (tmp_path / "z.json").write_text(json.dumps({"gsm8k": 0}))
-    with pytest.raises(ValueError, match="reference score of gsm8k is 0"):
+    with pytest.raises(DataError, match="reference score of gsm8k is 0"):
         read_reference(tmp_path / "z.json")
 
 

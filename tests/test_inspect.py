@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from mergekit.common import ModelReference
 
 from fedmerge_plugins.norms import streaming as norms
-from fedmerge_plugins.norms.cache import CACHE, NormCache
+from fedmerge_plugins.norms.cache import NormCache
 from fedmerge_plugins.diagnostics.cli import inspect_command
 from fedmerge_plugins.diagnostics.stats import agreement_effects, chi_square, collect_stats, fednova_weights, flag_outliers
 from fedmerge_plugins.search.grids import clip_rho_grid, fedgma_rho_grid
@@ -86,14 +86,11 @@ def test_statistics_match_direct_computation(family: Family) -> None:
     torch.testing.assert_close(torch.tensor(stats.cosines(), dtype=torch.float64), cosines, rtol=0, atol=1e-6)
 
 
-def test_norms_are_cclips_numbers_and_shared_through_the_cache(family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_norms_are_cclips_numbers_and_shared_through_the_cache(family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_process) -> None:
     base = ModelReference.parse(str(family.base))
     models = refs(family, 3)
     independent = NormCache(tmp_path / "independent.json")
-    streamed = [  # one model per pass, as before the joint pass
-        norms.checkpoint_norms(norms.model_index(base), [norms.model_index(m)], labels=[str(m)], cache=independent)[0]
-        for m in models
-    ]
+    streamed = [norms.reference_norms(base, [m], cache=independent)[0] for m in models]  # one model per pass
     stats = collect_stats(base, models)
     assert stats.norms == streamed  # bit for bit: the same sum in the same order
     assert stats.norms_cached == [False] * 3
@@ -103,7 +100,7 @@ def test_norms_are_cclips_numbers_and_shared_through_the_cache(family: Family, t
 
     monkeypatch.setattr(norms, "stream_norms", no_streaming)
     assert norms.reference_norms(base, models) == streamed  # what cclip inside mergekit-yaml uses
-    CACHE.clear_memory()  # a new process: only the file under $FEDMERGE_CACHE_DIR
+    new_process()  # only the file under $FEDMERGE_CACHE_DIR
     assert norms.reference_norms(base, models) == streamed
     assert collect_stats(base, models).norms_cached == [True] * 3
 

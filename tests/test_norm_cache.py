@@ -10,8 +10,6 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import List
@@ -25,12 +23,13 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from safetensors.torch import save_file
 
+from fedmerge_plugins import store
+from fedmerge_plugins.errors import FedmergeError
 from fedmerge_plugins.norms import cache as norm_cache
 from fedmerge_plugins.norms import streaming as norms
-from fedmerge_plugins.norms.cache import CACHE, NormCache
+from fedmerge_plugins.norms.cache import NormCache
 from tests.support.synthetic import Family, make_family, task_tensors
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.writers import write_at_once
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +82,17 @@ def test_norm_counts_every_weight_and_only_the_shared_vocabulary_rows(family: Fa
     assert norm_of(family, 1) == pytest.approx(expected_norm(family.base_tensors, family.task_tensors[1]), rel=1e-6)
 
 
-def test_a_second_merge_reads_no_checkpoint_for_norms(family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_second_merge_reads_no_checkpoint_for_norms(
+    family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_process, private_norm_cache: Path
+) -> None:
     counter = CountingPass(monkeypatch)
     cclip_merge(family, tmp_path / "first")
     assert counter.passes == [2]  # one pass for both task models
 
-    CACHE.clear_memory()  # as in a new process: only the disk cache remains
+    new_process()  # only the disk cache remains
     cclip_merge(family, tmp_path / "second")
     assert counter.passes == [2]
-    assert len(CACHE._read_disk()) == 2
+    assert len(json.loads((private_norm_cache / "norms.json").read_text())) == 2
 
 
 def test_sweeping_rho_in_one_process_streams_once(family: Family, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,7 +131,7 @@ def rewrite_as_new_file(path: Path, tensors: dict) -> None:
 
 
 @pytest.mark.parametrize("rewrite", [rewrite_in_place, rewrite_as_new_file])
-def test_a_same_size_rewrite_with_the_mtime_put_back_is_not_fooled(rewrite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_same_size_rewrite_with_the_mtime_put_back_is_not_fooled(rewrite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_process) -> None:
     """``cp -p`` / ``rsync -a`` / ``tar x`` keep size and mtime; ctime and inode tell."""
     family = make_family(tmp_path, scales=(0.01,))
     weights = family.tasks[0] / "model.safetensors"
@@ -143,7 +144,7 @@ def test_a_same_size_rewrite_with_the_mtime_put_back_is_not_fooled(rewrite, tmp_
     after = weights.stat()
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)  # what the old key saw
 
-    CACHE.clear_memory()  # a new process, with only the cache file
+    new_process()  # with only the cache file
     counter = CountingPass(monkeypatch)
     assert norm_of(family, 0) == pytest.approx(expected_norm(family.base_tensors, other), rel=1e-6)
     assert counter.passes == [1]
@@ -161,12 +162,12 @@ def test_cache_key_follows_file_identity(family: Family) -> None:
 
 
 def test_incompatible_shapes_are_named() -> None:
-    with pytest.raises(ValueError, match=r"tensor w: model m has shape \(2, 3\), the base \(3, 2\)"):
+    with pytest.raises(FedmergeError, match=r"tensor w: model m has shape \(2, 3\), the base \(3, 2\)"):
         norms.shared_rows("w", torch.zeros(3, 2), torch.zeros(2, 3), "m")
 
 
 def test_non_finite_checkpoint_is_named() -> None:
-    with pytest.raises(ValueError, match="model m has NaN or inf values in tensor w"):
+    with pytest.raises(FedmergeError, match="model m has NaN or inf values in tensor w"):
         norms.squared_distance("w", torch.zeros(3), torch.tensor([0.0, float("inf"), 1.0]), "m")
 
 
@@ -246,11 +247,11 @@ def test_an_unwritable_cache_warns_once_and_keeps_norms_in_memory(kind: str, tmp
 
 
 def test_a_lock_that_is_not_released_skips_writing(tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(norm_cache, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(store, "LOCK_TIMEOUT_S", 0.2)
     path = tmp_path / "norms.json"
     path.write_text(json.dumps({"old": {"norm": 1.0}}))
     cache = NormCache(path)
-    with open(cache.lock_path, "w") as holder, caplog.at_level(logging.WARNING):
+    with open(tmp_path / "norms.json.lock", "w") as holder, caplog.at_level(logging.WARNING):
         fcntl.flock(holder, fcntl.LOCK_EX)  # another writer that never finishes
         cache.put("new", 2.0)
     (warning,) = cache_warnings(caplog)
@@ -273,14 +274,7 @@ for j in range(int(sys.argv[3])):
 
 def test_concurrent_writers_lose_no_entry(tmp_path: Path) -> None:
     path = tmp_path / "norms.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    writers = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(path), name, "150"], env=env, stderr=subprocess.PIPE, text=True)
-        for name in ("a", "b")
-    ]
-    errors = [w.communicate(timeout=300)[1] for w in writers]
-    assert [w.returncode for w in writers] == [0, 0], errors
-    assert errors == ["", ""]  # no warning: every put got the lock
+    write_at_once(WRITER, path, 150)  # no warning: every put got the lock
     entries = json.loads(path.read_text())
     assert len(entries) == 300
     assert entries == {f"{n}-{j}": {"norm": float(j), "writer": n} for n in ("a", "b") for j in range(150)}

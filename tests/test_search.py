@@ -227,19 +227,6 @@ def test_fedgma_groups_and_merged_as_in_the_log(tmp_path: Path) -> None:
     assert again.merges == 0 and again.best == outcome.best  # resumed: nothing merged again
 
 
-def test_old_clip_log_is_read(tmp_path: Path) -> None:
-    from fedmerge_plugins.clip.experiment import group_name, upgrade
-
-    old = {"kind": "grid", "subset": ["mnist", "svhn"], "method": "fedgma", "params": {"lambda": 0.5, "rho": 0.1},
-           "accuracy": {"mnist": 0.5, "svhn": 0.4}, "normalized": {"mnist": 0.6, "svhn": 0.5}, "score": 0.55}
-    (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
-    log = search.ResultLog(tmp_path / "results.jsonl")
-    log.records[:] = [upgrade(r) for r in log.records]
-    (record,) = log.points(group_name(("mnist", "svhn"), "fedgma")).values()
-    assert record["key"] == search.Point(0, {"lambda": 0.5, "rho": 0.1}).key
-    assert record["scores"] == old["normalized"] and record["selection"] == 0.55
-
-
 def test_sweep_refuses_a_foreign_out_before_opening_any_checkpoint(world: Dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--out`` holding another sweep's results: one error, and not one checkpoint file opened."""
     import builtins

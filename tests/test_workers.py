@@ -199,7 +199,7 @@ def sweep_world(local_ray, family, tmp_path_factory):
     outlier's norm halved (a common factor would change nothing: ρ's grid scales with it)."""
     from mergekit.common import ModelReference
 
-    from fedmerge_plugins.norms.cache import CACHE, cache_key
+    from fedmerge_plugins.norms.cache import cache_key
     from fedmerge_plugins.norms.streaming import model_index, state_dict_norms
     from fedmerge_plugins.sweep.evaluators import PythonEvaluator
     from fedmerge_plugins.sweep.run import run_sweep
@@ -212,14 +212,12 @@ def sweep_world(local_ray, family, tmp_path_factory):
     true = state_dict_norms(family.base_tensors, dict(enumerate(family.task_tensors)))
     norms = [true[0], true[1], true[2] / 2]
     workers_cache = os.environ["FEDMERGE_CACHE_DIR"]  # the workers' (local_ray)
-    os.environ["FEDMERGE_CACHE_DIR"] = str(directory / "norm-cache")
-    CACHE.clear_memory()
+    os.environ["FEDMERGE_CACHE_DIR"] = str(directory / "norm-cache")  # a file of its own: nothing known yet
     try:
         put_norms(keys, norms)
         outcome = run_sweep(recipe, directory / "out", PythonEvaluator(spec), lambdas=GRID, rhos="paper", echo=lambda line: None)
     finally:
         os.environ["FEDMERGE_CACHE_DIR"] = workers_cache
-        CACHE.clear_memory()
     assert outcome.norms == norms
     return {"dir": directory, "spec": spec, "recipe": recipe, "outcome": outcome, "keys": keys, "norms": norms,
             "workers_cache": Path(workers_cache), "family": family}

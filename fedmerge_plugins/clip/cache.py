@@ -2,33 +2,39 @@
 fine-tuned accuracies), and how it recognises that an input has not changed.
 
 Default location: ``$FEDMERGE_CACHE_DIR/clip`` (``~/.cache/fedmerge/clip``). Entries are
-keyed by a digest of everything they depend on; a local file's identity is the norm
-cache's (path, size, mtime, ctime, inode), so a rewritten checkpoint or data folder gets a
-new entry even when its size and mtime are put back.
+keyed by a ``digest`` (``fedmerge_plugins.store``) of everything they depend on; a
+local file's identity is the store's ``file_identity`` (path, size, mtime, ctime, inode), so
+a rewritten checkpoint or data folder gets a new entry even when its size and mtime are put
+back. Fine-tuned accuracies go to ``finetuned.json``, a locked ``JsonStore``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import logging
-import tempfile
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
-from fedmerge_plugins.norms.cache import cache_dir, file_identity
+from fedmerge_plugins.norms.cache import cache_dir
+from fedmerge_plugins.store import JsonStore, file_identity
 
 LOG = logging.getLogger(__name__)
+KEY_LENGTH = 24  # hex digits of the digest in a CLIP cache key
 
 
 def clip_cache_dir(override: Optional[Path] = None) -> Path:
     return Path(override) if override is not None else cache_dir() / "clip"
 
 
-def digest(*parts: Any) -> str:
-    """A short stable key for JSON-serialisable parts."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+def valid_accuracy(entry: object) -> bool:
+    """Whether a ``finetuned.json`` entry is ``{"accuracy": number in [0, 1], …}``."""
+    accuracy = entry.get("accuracy") if isinstance(entry, dict) else None
+    return isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and 0 <= accuracy <= 1
+
+
+def finetuned_store(cache_root: Path) -> JsonStore:
+    """The fine-tuned towers' own accuracies, ``<cache_root>/finetuned.json``."""
+    return JsonStore(Path(cache_root) / "finetuned.json", what="CLIP cache", log=LOG, valid=valid_accuracy)
 
 
 def source_identity(source: str) -> List[Any]:
@@ -47,41 +53,3 @@ def source_identity(source: str) -> List[Any]:
             full = os.path.join(directory, name)
             entries.append([os.path.relpath(full, root), *file_identity(full)[1:]])
     return entries
-
-
-class JsonStore:
-    """A small JSON dictionary on disk, replaced atomically on every write. An optimisation:
-    a file that cannot be read is empty, one that cannot be written is warned about once and
-    the value is kept in memory for this process."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._memory: Dict[str, Any] = {}
-        self._warned = False
-
-    def read(self) -> Dict[str, Any]:
-        try:
-            entries = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            entries = {}
-        return {**(entries if isinstance(entries, dict) else {}), **self._memory}
-
-    def get(self, key: str) -> Any:
-        return self.read().get(key)
-
-    def put(self, key: str, value: Any) -> None:
-        self._memory[key] = value
-        entries = self.read()
-        tmp = None
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as handle:
-                json.dump(entries, handle, indent=1)
-            os.replace(tmp, self.path)
-        except OSError as error:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
-            if not self._warned:
-                self._warned = True
-                LOG.warning("fedmerge: cache %s not updated (%s); the value is kept in this process only", self.path, error.strerror or error)

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import click
 
-from fedmerge_plugins.cli import worker_options
+from fedmerge_plugins.cli import ExistingPath, error_boundary, worker_options
 from fedmerge_plugins.clip.tasks import DEFAULT_BASE, PAPER_TASKS, canonical, display_name
 
 
@@ -40,15 +40,15 @@ def finetuned_sources(tasks: Sequence[str], models: Sequence[str], models_dir: O
         raise click.BadParameter(str(error), param_hint=MODEL_OPTIONS[error.field]) from None
 
 
-def _grid(text: Optional[str], default: Callable[[], list]) -> Tuple[float, ...]:
-    from fedmerge_plugins.search.grids import parse_grid
+def _grid(text: Optional[str], default: Callable[[], list], option: str) -> Tuple[float, ...]:
+    from fedmerge_plugins.search.grids import GridError, parse_grid
 
     if text is None:
         return tuple(default())
     try:
         return tuple(parse_grid(text))
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from None
+    except GridError as error:
+        raise click.BadParameter(str(error), param_hint=option) from None
 
 
 def _device(device: Optional[str]) -> str:
@@ -63,7 +63,7 @@ base_option = click.option("--base", default=DEFAULT_BASE, show_default=True, he
 tasks_option = click.option("--tasks", "tasks_text", default=",".join(PAPER_TASKS), show_default=True, help="Comma-separated tasks.")
 model_option = click.option("--model", "models", multiple=True, metavar="TASK=SRC", help="Fine-tuned vision tower of a task (repeatable).")
 models_dir_option = click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder with one fine-tuned tower per task (<dir>/<task>), e.g. from `fedmerge clip prepare`.")
-data_option = click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="Folder with one dataset per task: <dir>/<task>/ (ImageFolder splits or a saved `datasets` DatasetDict).")
+data_option = click.option("--data-dir", type=ExistingPath(file_okay=False, path_type=Path), required=True, help="Folder with one dataset per task: <dir>/<task>/ (ImageFolder splits or a saved `datasets` DatasetDict).")
 cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Cache for heads, preprocessed images and fine-tuned accuracies [default: $FEDMERGE_CACHE_DIR/clip].")
 
 
@@ -91,15 +91,12 @@ def _session(base, data_dir, device, batch_size, val_fraction, max_val, seed, ca
     )
 
 
-def _fail(error: Exception) -> None:
-    raise click.ClickException(str(error)) from None
-
-
 @click.group("clip")
 def clip_group() -> None:
     """The paper's CLIP ViT-B/32 experiment (section 6) on Hugging Face checkpoints."""
 
 
+@error_boundary
 @clip_group.command("prepare")
 @base_option
 @tasks_option
@@ -115,18 +112,16 @@ def prepare_command(base: str, tasks_text: str, models: Tuple[str, ...], out: Pa
     from fedmerge_plugins.clip.models import export_towers
 
     tasks = _tasks(tasks_text)
-    try:
-        written = export_towers(base, finetuned_sources(tasks, models, None), out)
-    except ValueError as error:
-        _fail(error)
+    written = export_towers(base, finetuned_sources(tasks, models, None), out)
     for name, path in written.items():
         click.echo(f"{name}: {path}")
 
 
+@error_boundary
 @clip_group.command("heads")
 @base_option
 @tasks_option
-@click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Needed only for tasks other than the paper's eight (class names from the data).")
+@click.option("--data-dir", type=ExistingPath(file_okay=False, path_type=Path), help="Needed only for tasks other than the paper's eight (class names from the data).")
 @click.option("--save", type=click.Path(dir_okay=False, path_type=Path), help="Also save {task: head} with torch.save.")
 @cache_option
 @click.option("--device", help="torch device [default: cuda if available, else cpu].")
@@ -137,25 +132,30 @@ def heads_command(base: str, tasks_text: str, data_dir: Optional[Path], save: Op
     from fedmerge_plugins.clip.heads import cached_head
     from fedmerge_plugins.clip.models import load_clip, load_tokenizer
     from fedmerge_plugins.clip.tasks import shipped
+    from fedmerge_plugins.files import check_writable, write_output
 
     tasks = _tasks(tasks_text)
-    heads = {}
-    try:
-        clip, tokenizer = load_clip(base, _device(device)), load_tokenizer(base)
-        for task in tasks:
-            text = shipped(task) if data_dir is None else open_task(data_dir, task).text
-            if text is None:
-                raise ValueError(f"task {task} is not one of the paper's tasks: pass --data-dir")
-            heads[task] = cached_head(clip, tokenizer, base, text, clip_cache_dir(cache_dir)).cpu()
-            click.echo(f"{display_name(task)}: {heads[task].shape[0]} classes × {heads[task].shape[1]} dims, {len(text.templates)} templates")
-    except ValueError as error:
-        _fail(error)
     if save is not None:
+        check_writable(save)
+    heads = {}
+    clip, tokenizer = load_clip(base, _device(device)), load_tokenizer(base)
+    for task in tasks:
+        text = shipped(task) if data_dir is None else open_task(data_dir, task).text
+        if text is None:
+            raise click.BadParameter(f"task {task} is not one of the paper's tasks: pass --data-dir", param_hint="--tasks")
+        heads[task] = cached_head(clip, tokenizer, base, text, clip_cache_dir(cache_dir)).cpu()
+        click.echo(f"{display_name(task)}: {heads[task].shape[0]} classes × {heads[task].shape[1]} dims, {len(text.templates)} templates")
+    if save is not None:
+        import io
+
         import torch
 
-        torch.save(heads, save)
+        data = io.BytesIO()
+        torch.save(heads, data)
+        write_output(save, data.getvalue())
 
 
+@error_boundary
 @clip_group.command("eval")
 @click.argument("merged")
 @session_options
@@ -165,14 +165,14 @@ def heads_command(base: str, tasks_text: str, data_dir: Optional[Path], save: Op
 def eval_command(merged: str, base, data_dir, tasks_text, models, models_dir, device, batch_size, val_fraction, max_val, seed, cache_dir, split, accuracy_only, json_path) -> None:
     """Accuracy and normalized accuracy of the vision tower MERGED (folder or hub id)."""
     from fedmerge_plugins.clip.evaluate import evaluate_tower
+    from fedmerge_plugins.files import check_writable, write_output
 
     tasks = _tasks(tasks_text)
+    if json_path is not None:
+        check_writable(json_path)
     finetuned = None if accuracy_only else finetuned_sources(tasks, models, models_dir)
-    try:
-        session = _session(base, data_dir, device, batch_size, val_fraction, max_val, seed, cache_dir)
-        result = evaluate_tower(session, merged, tasks, finetuned, split)
-    except ValueError as error:
-        _fail(error)
+    session = _session(base, data_dir, device, batch_size, val_fraction, max_val, seed, cache_dir)
+    result = evaluate_tower(session, merged, tasks, finetuned, split)
     click.echo(f"{'task':<10} {'accuracy':>9} {'fine-tuned':>10} {'normalized':>10}")
     for task, row in result.items():
         fine = f"{100 * row['finetuned_accuracy']:10.2f}" if "finetuned_accuracy" in row else f"{'-':>10}"
@@ -181,9 +181,10 @@ def eval_command(merged: str, base, data_dir, tasks_text, models, models_dir, de
     averages = {key: sum(r[key] for r in result.values()) / len(result) for key in ("accuracy", "normalized_accuracy") if all(key in r for r in result.values())}
     click.echo("average    " + "  ".join(f"{key} {100 * value:.2f}" for key, value in averages.items()))
     if json_path is not None:
-        json_path.write_text(json.dumps({"merged": merged, "split": split, "tasks": result, "average": averages}, indent=1))
+        write_output(json_path, json.dumps({"merged": merged, "split": split, "tasks": result, "average": averages}, indent=1))
 
 
+@error_boundary
 @clip_group.command("experiment")
 @session_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder: run.json, results.jsonl, summaries. Re-run with the same options to resume.")
@@ -191,7 +192,7 @@ def eval_command(merged: str, base, data_dir, tasks_text, models, models_dir, de
 @click.option("--lambdas", help="λ grid, `a,b,c` or `start:stop:step` [default: 0.05:2.0:0.05].")
 @click.option("--rhos", help="FedGMA ρ grid [default: 0.1:1.0:0.1].")
 @click.option("--cclip-count", default=5, show_default=True, type=click.IntRange(1), help="CCLIP ρ values from min norm (included) to max norm (excluded).")
-@click.option("--training", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="YAML `task: {steps, learning_rate}` for FedNova, e.g. configs/clip/training-tanganke.yml.")
+@click.option("--training", type=ExistingPath(dir_okay=False, path_type=Path), help="YAML `task: {steps, learning_rate}` for FedNova, e.g. configs/clip/training-tanganke.yml.")
 @click.option("--min-size", default=2, show_default=True, type=click.IntRange(1), help="Smallest subset merged.")
 @click.option("--progress/--no-progress", default=True)
 @worker_options
@@ -203,41 +204,37 @@ def experiment_command(base, data_dir, tasks_text, models, models_dir, device, b
     process loads the towers, heads and images once, and writes every record."""
     from fedmerge_plugins.search import grids
     from fedmerge_plugins.cli import worker_settings
-    from fedmerge_plugins.errors import FedmergeError
     from fedmerge_plugins.clip.experiment import Experiment, ExperimentSpec, read_training
     from fedmerge_plugins.clip.summary import write_summary
+    from fedmerge_plugins.files import folder_lock
 
     tasks = _tasks(tasks_text)
-    try:
-        settings = worker_settings(workers, ray_address, gpus_per_worker)
-        settings.check()  # Ray missing: one line, before anything is loaded or written
-        spec = ExperimentSpec(
-            tasks=tasks,
-            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-            lambdas=_grid(lambdas, grids.lambda_grid),
-            fedgma_rhos=_grid(rhos, grids.fedgma_rho_grid),
-            cclip_count=cclip_count,
-            training=read_training(training) if training else None,
-            min_size=min_size,
-        )
-        finetuned = finetuned_sources(tasks, models, models_dir)
+    settings = worker_settings(workers, ray_address, gpus_per_worker)
+    settings.check()  # Ray missing: one line, before anything is loaded or written
+    spec = ExperimentSpec(
+        tasks=tasks,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        lambdas=_grid(lambdas, grids.lambda_grid, "--lambdas"),
+        fedgma_rhos=_grid(rhos, grids.fedgma_rho_grid, "--rhos"),
+        cclip_count=cclip_count,
+        training=read_training(training) if training else None,
+        min_size=min_size,
+    )
+    finetuned = finetuned_sources(tasks, models, models_dir)
+    with folder_lock(out, "fedmerge clip experiment"):
         session = _session(base, data_dir, device, batch_size, val_fraction, max_val, seed, cache_dir, progress)
         Experiment(session, spec, finetuned, out, progress=progress).run(settings)
         written = write_summary(out, tasks)
-    except (ValueError, FedmergeError) as error:
-        _fail(error)
     click.echo(written["markdown"].read_text())
     click.echo("written: " + ", ".join(str(p) for p in written.values()))
 
 
+@error_boundary
 @clip_group.command("summary")
-@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=ExistingPath(file_okay=False, path_type=Path))
 def summary_command(out: Path) -> None:
     """Tables 1–2 and the Figure 1 histograms of the run folder OUT."""
     from fedmerge_plugins.clip.summary import write_summary
 
-    try:
-        written = write_summary(out)
-    except (OSError, ValueError, KeyError) as error:
-        _fail(error)
+    written = write_summary(out)
     click.echo(written["markdown"].read_text())

@@ -24,6 +24,7 @@ and normalisation, the processor's last steps, are done on the device when evalu
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from fedmerge_plugins.clip.cache import digest, source_identity
+from fedmerge_plugins.clip.cache import KEY_LENGTH, source_identity
 from fedmerge_plugins.clip.tasks import FOLDER_ALIASES, TaskText, shipped, task_text
+from fedmerge_plugins.store import digest
+from fedmerge_plugins.errors import DataError
+from fedmerge_plugins.files import user_path, write_atomic
 
 SPLIT_ALIASES: Dict[str, Tuple[str, ...]] = {
     "train": ("train",),
@@ -68,7 +72,7 @@ class TaskData:
 
     def split(self, name: str) -> Split:
         if name not in self.splits:
-            raise ValueError(f"task {self.task}: {self.root} has no {name} split (found: {', '.join(self.splits) or 'none'})")
+            raise DataError(f"task {self.task}: {self.root} has no {name} split (found: {', '.join(self.splits) or 'none'})")
         return self.splits[name]
 
 
@@ -82,16 +86,16 @@ class SplitSettings:
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1); got {self.val_fraction}")
+            raise DataError(f"val_fraction must be in (0, 1); got {self.val_fraction}")
         if self.max_val < 1:
-            raise ValueError(f"max_val must be >= 1; got {self.max_val}")
+            raise DataError(f"max_val must be >= 1; got {self.max_val}")
 
 
 def task_root(data_dir: Path, task: str) -> Path:
     for name in (task, *FOLDER_ALIASES.get(task, ())):
         if (data_dir / name).is_dir():
             return data_dir / name
-    raise ValueError(f"task {task}: no data folder {data_dir / task}")
+    raise DataError(f"task {task}: no data folder {data_dir / task}")
 
 
 def _find_split(names: Sequence[str], split: str) -> Optional[str]:
@@ -113,7 +117,7 @@ def folder_labels(task: str, folders: Sequence[str], shipped_names: Optional[Seq
     if all(name.isdigit() for name in folders):
         labels = {name: int(name) for name in folders}
         if count is not None and max(labels.values()) >= count:
-            raise ValueError(f"task {task}: class folder {max(folders, key=int)} is not a label of its {count} classes")
+            raise DataError(f"task {task}: class folder {max(folders, key=int)} is not a label of its {count} classes")
         return labels
     if shipped_names is None:
         return {name: index for index, name in enumerate(folders)}
@@ -123,7 +127,7 @@ def folder_labels(task: str, folders: Sequence[str], shipped_names: Optional[Seq
     if len(folders) == count:
         return {name: index for index, name in enumerate(folders)}
     unknown = [name for name in folders if _normal(name) not in by_name]
-    raise ValueError(
+    raise DataError(
         f"task {task}: {len(folders)} class folders (e.g. {unknown[:3]}) match neither its {count} class names "
         f"nor the labels 0..{count - 1}"
     )
@@ -144,10 +148,10 @@ def open_folder(task: str, root: Path) -> TaskData:
         if name is not None:
             split_dirs[split] = root / name
     if not split_dirs:
-        raise ValueError(f"task {task}: {root} has no train/validation/test folder and no saved `datasets` dataset")
+        raise DataError(f"task {task}: {root} has no train/validation/test folder and no saved `datasets` dataset")
     folders = sorted({p.name for d in split_dirs.values() for p in d.iterdir() if p.is_dir()})
     if not folders:
-        raise ValueError(f"task {task}: the split folders of {root} have no class folders")
+        raise DataError(f"task {task}: the split folders of {root} have no class folders")
     text = shipped(task)
     labels_of = folder_labels(task, folders, text.classnames if text else None)
     if text is None:
@@ -162,7 +166,7 @@ def open_folder(task: str, root: Path) -> TaskData:
             files.extend(images)
             labels.extend([labels_of[class_dir.name]] * len(images))
         if not files:
-            raise ValueError(f"task {task}: split folder {directory} holds no images")
+            raise DataError(f"task {task}: split folder {directory} holds no images")
         splits[split] = Split(load=lambda i, files=files: _open_image(files[i]), labels=labels)
     return TaskData(task, root, splits, text, "folder")
 
@@ -176,7 +180,7 @@ def _columns(task: str, dataset) -> Tuple[str, str, Optional[List[str]]]:
     label = next((n for n in ("label", "labels") if n in features), None)
     label = label or next((n for n, f in features.items() if isinstance(f, ClassLabel)), None)
     if image is None or label is None:
-        raise ValueError(f"task {task}: dataset columns {list(features)} lack an image or a label column")
+        raise DataError(f"task {task}: dataset columns {list(features)} lack an image or a label column")
     names = features[label].names if isinstance(features[label], ClassLabel) else None
     return image, label, names
 
@@ -186,7 +190,7 @@ def open_saved_dataset(task: str, root: Path) -> TaskData:
 
     dataset = load_from_disk(str(root))
     if not isinstance(dataset, DatasetDict):
-        raise ValueError(f"task {task}: {root} holds a single `datasets` split; save a DatasetDict with train/test splits")
+        raise DataError(f"task {task}: {root} holds a single `datasets` split; save a DatasetDict with train/test splits")
     splits, class_names = {}, None
     for split in SPLIT_ALIASES:
         name = _find_split(list(dataset), split)
@@ -198,13 +202,13 @@ def open_saved_dataset(task: str, root: Path) -> TaskData:
         labels = [int(v) for v in part[label_column]]
         splits[split] = Split(load=lambda i, part=part, column=image_column: part[i][column], labels=labels)
     if not splits:
-        raise ValueError(f"task {task}: {root} has none of the splits train/validation/test (found {list(dataset)})")
+        raise DataError(f"task {task}: {root} has none of the splits train/validation/test (found {list(dataset)})")
     text = task_text(task, class_names)
     if class_names is not None and len(class_names) != len(text.classnames):
-        raise ValueError(f"task {task}: the dataset has {len(class_names)} classes, its class names list {len(text.classnames)}")
+        raise DataError(f"task {task}: the dataset has {len(class_names)} classes, its class names list {len(text.classnames)}")
     top = max(max(s.labels) for s in splits.values())
     if top >= len(text.classnames) or min(min(s.labels) for s in splits.values()) < 0:
-        raise ValueError(f"task {task}: label {top} is outside 0..{len(text.classnames) - 1}")
+        raise DataError(f"task {task}: label {top} is outside 0..{len(text.classnames) - 1}")
     return TaskData(task, root, splits, text, "datasets")
 
 
@@ -218,7 +222,7 @@ def open_task(data_dir: Path, task: str) -> TaskData:
 def split_indices(data: TaskData, split: str, settings: SplitSettings) -> Tuple[str, List[int]]:
     """(source split, indices into it) of ``split``; validation carved or capped as documented."""
     if split not in SPLIT_ALIASES:
-        raise ValueError(f"unknown split {split!r}; use train, validation or test")
+        raise DataError(f"unknown split {split!r}; use train, validation or test")
     if split != "validation":
         return split, list(range(len(data.split(split))))
     if "validation" in data.splits:
@@ -253,6 +257,12 @@ def _to_uint8(batch: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(batch), 0, 255).astype(np.uint8)
 
 
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def pixels(
     data: TaskData, split: str, processor, settings: SplitSettings, cache_root: Path, chunk: int = 256, progress: bool = True
 ) -> Pixels:
@@ -262,26 +272,34 @@ def pixels(
     source, indices = split_indices(data, split, settings)
     part = data.split(source)
     key = digest(
-        "pixels", PIXEL_VERSION, source_identity(str(data.root)), source, digest(indices), processor.to_dict()
+        "pixels", PIXEL_VERSION, source_identity(str(data.root)), source, digest(indices, length=KEY_LENGTH),
+        processor.to_dict(), length=KEY_LENGTH,
     )
     directory = cache_root / "pixels"
     images_path, labels_path = directory / f"{key}.npy", directory / f"{key}.labels.npy"
     if not (images_path.exists() and labels_path.exists()):
-        directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f"{key}.{os.getpid()}.tmp.npy"
-        array = None
-        for start in tqdm(range(0, len(indices), chunk), desc=f"preprocess {data.task} {split}", unit="chunk", leave=False, disable=not progress):
-            batch = [part.load(i).convert("RGB") for i in indices[start : start + chunk]]
-            out = processor(images=batch, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
-            out = _to_uint8(np.asarray(out))
-            if array is None:
-                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(indices), *out.shape[1:]))
-            array[start : start + len(out)] = out
-        assert array is not None
-        array.flush()
-        del array
-        np.save(labels_path, np.asarray([part.labels[i] for i in indices], dtype=np.int64))
-        os.replace(tmp, images_path)
+        try:
+            with user_path(directory, "write the image cache in"):  # a full or read-only --cache-dir: one line
+                directory.mkdir(parents=True, exist_ok=True)
+                array = None
+                for start in tqdm(range(0, len(indices), chunk), desc=f"preprocess {data.task} {split}", unit="chunk", leave=False, disable=not progress):
+                    batch = [part.load(i).convert("RGB") for i in indices[start : start + chunk]]
+                    out = processor(images=batch, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
+                    out = _to_uint8(np.asarray(out))
+                    if array is None:
+                        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(indices), *out.shape[1:]))
+                        with open(tmp, "r+b") as handle:  # the room now (a sparse memory map on a full disk dies of SIGBUS)
+                            os.posix_fallocate(handle.fileno(), 0, os.path.getsize(tmp))
+                    array[start : start + len(out)] = out
+                assert array is not None
+                array.flush()
+                del array
+                write_atomic(labels_path, _npy(np.asarray([part.labels[i] for i in indices], dtype=np.int64)))
+                os.replace(tmp, images_path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     images = np.load(images_path, mmap_mode="r")
     labels = torch.from_numpy(np.load(labels_path))
     return Pixels(images, labels, key)

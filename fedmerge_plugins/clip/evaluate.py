@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fedmerge_plugins.clip import data as clip_data
-from fedmerge_plugins.clip.cache import JsonStore, clip_cache_dir, digest, source_identity
+from fedmerge_plugins.clip.cache import KEY_LENGTH, clip_cache_dir, finetuned_store, source_identity
 from fedmerge_plugins.clip.heads import cached_head
 from fedmerge_plugins.clip.models import (
     StateDict,
@@ -32,6 +32,7 @@ from fedmerge_plugins.clip.models import (
     tower_state_dict,
 )
 from fedmerge_plugins.search.normalized import normalized_accuracy
+from fedmerge_plugins.store import digest
 
 FINETUNED_VERSION = 1
 
@@ -76,7 +77,7 @@ class Session:
         self._tasks: Dict[str, clip_data.TaskData] = {}
         self.heads: Dict[str, torch.Tensor] = {}  # set an entry to evaluate against a head of your own
         self._pixels: Dict[tuple, clip_data.Pixels] = {}
-        self.finetuned_store = JsonStore(self.cache_root / "finetuned.json")
+        self.finetuned_store = finetuned_store(self.cache_root)
 
     def arguments(self) -> Dict[str, object]:
         """What makes an equal session elsewhere (a Ray worker): ``Session(**arguments)``;
@@ -156,7 +157,7 @@ class Session:
         pixels = self.pixels(task, split)
         key = digest(
             "finetuned", FINETUNED_VERSION, source_identity(source), source_identity(self.base),
-            pixels.key, self.task(task).text.classnames, self.task(task).text.templates,
+            pixels.key, self.task(task).text.classnames, self.task(task).text.templates, length=KEY_LENGTH,
         )
         cached = self.finetuned_store.get(key)
         if cached is not None:

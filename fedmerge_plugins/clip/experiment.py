@@ -10,38 +10,41 @@ test. Grids (``fedmerge_plugins.search.grids``): λ for every method; FedGMA als
 ρ from the subset's task-vector norms. FedNova needs each task model's steps and learning
 rate (``Training``).
 
-A subset and method's search is one unit of work (``SubsetSearch``): run here, one after
-another, or on Ray workers (``Experiment.run(WorkerSettings(workers=N))``), which get the
-towers through Ray's object store once and return their records for this process to write.
+A subset and method's search is one unit of work (``SubsetUnit``, run by ``search_subset``):
+here, one after another (``DriverSearch``: the experiment's session, each point logged as it
+is scored), or on Ray workers (``Experiment.run(WorkerSettings(workers=N))``, ``WorkerSearch``:
+each worker gets the towers through Ray's object store once, loads a session of its own and
+returns its records for this process to write).
 
 Everything lands in ``<out>/results.jsonl``, one JSON object a line, appended and flushed
 as it is computed: ``kind: point`` (one grid point's validation scores, the search
 engine's record, ``group`` naming subset and method) and ``kind: result`` (a subset and
-method's selection and test scores). A restart reads the file and skips what is there
-(``kind: grid`` lines of older fedmerge versions are read as the points they describe);
+method's selection and test scores). A restart reads the file and skips what is there;
 ``<out>/run.json`` records the configuration, and a restart with a different one is refused.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from fedmerge_plugins.search import grids
-from fedmerge_plugins.catalogue import BASELINE, SEARCH_METHODS
-from fedmerge_plugins.clip.cache import digest, source_identity
+from fedmerge_plugins.catalogue import SEARCH_METHODS
+from fedmerge_plugins.clip.cache import KEY_LENGTH, source_identity
 from fedmerge_plugins.clip.evaluate import Session, normalized
 from fedmerge_plugins.errors import FedmergeError
+from fedmerge_plugins.files import write_output
 from fedmerge_plugins.search.engine import (
     Evaluation,
     Point,
     ResultLog,
-    best_index,
     mean,
     merge_in_memory,
     method_grid,
@@ -49,16 +52,14 @@ from fedmerge_plugins.search.engine import (
     run_search,
 )
 from fedmerge_plugins.search.workers import WorkerSettings, call, run_units
-
-__all__ = ["BASELINE", "Experiment", "ExperimentSpec", "ResultLog", "Training", "best_index", "merge_in_memory",
-           "read_training", "subsets"]
+from fedmerge_plugins.store import digest
 
 METHODS: Tuple[str, ...] = SEARCH_METHODS
 Params = Dict[str, float]
 Subset = Tuple[str, ...]
 
 
-class ExperimentError(FedmergeError, ValueError):
+class ExperimentError(FedmergeError):
     """A CLIP experiment request or run folder that cannot be used."""
 
 
@@ -69,11 +70,24 @@ class Training(NamedTuple):
     learning_rate: float
 
 
+def _number(value: Any) -> Optional[float]:
+    """``value`` as a float (YAML reads ``1e-4`` as text), None if it is not a number."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def read_training(path: Path) -> Dict[str, Training]:
     """``task: {steps: N, learning_rate: x}`` per task, from a YAML or JSON file."""
     import yaml
 
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ExperimentError(f"{path}: cannot read it ({error})") from None
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path}: expected a mapping `task: {{steps: N, learning_rate: x}}`")
     result = {}
@@ -83,8 +97,8 @@ def read_training(path: Path) -> Dict[str, Training]:
         unknown = set(entry) - {"steps", "learning_rate"}
         if unknown:
             raise ExperimentError(f"{path}: task {task}: unknown keys {sorted(unknown)}")
-        steps, rate = entry["steps"], float(entry.get("learning_rate", 1.0))
-        if not isinstance(steps, int) or steps <= 0 or not rate > 0:
+        steps, rate = entry["steps"], _number(entry.get("learning_rate", 1.0))
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0 or rate is None or not 0 < rate < math.inf:
             raise ExperimentError(f"{path}: task {task}: steps must be an integer > 0 and learning_rate > 0")
         result[str(task)] = Training(steps, rate)
     return result
@@ -146,17 +160,6 @@ def group_name(subset: Sequence[str], method: str) -> str:
     return f"{'+'.join(subset)}/{method}"
 
 
-def upgrade(record: Dict[str, Any]) -> Dict[str, Any]:
-    """A ``kind: grid`` record of an older fedmerge as the search engine's point record."""
-    if record.get("kind") != "grid":
-        return record
-    return {
-        "kind": "point", "group": group_name(record["subset"], record["method"]), "key": json.dumps(record["params"], sort_keys=True),
-        "index": None, "method": record["method"], "parameters": record["params"], "scores": record["normalized"],
-        "selection": record["score"], "seconds": 0.0, "details": {"accuracy": record["accuracy"]},
-    }
-
-
 @dataclass
 class ClipPoint:
     """One grid point's unit of work: merge the subset's towers in memory, score on ``split``."""
@@ -190,7 +193,6 @@ class Experiment:
             raise ExperimentError(f"no fine-tuned model for tasks {missing}")
         self.out_dir = Path(self.out_dir)
         self.log = ResultLog(self.out_dir / "results.jsonl")
-        self.log.records[:] = [upgrade(r) for r in self.log.records]
         self.models: Dict[str, Dict[str, torch.Tensor]] = {}
         self.reference: Dict[str, Dict[str, float]] = {}
 
@@ -199,7 +201,7 @@ class Experiment:
         return {
             "base": self.session.base,
             "finetuned": {t: self.finetuned[t] for t in self.spec.tasks},
-            "models_identity": digest([source_identity(self.finetuned[t]) for t in self.spec.tasks]),
+            "models_identity": digest([source_identity(self.finetuned[t]) for t in self.spec.tasks], length=KEY_LENGTH),
             "data_dir": str(Path(self.session.data_dir).resolve()),
             "splits": asdict(self.session.settings),
             "spec": self.spec.describe(),
@@ -210,7 +212,12 @@ class Experiment:
         path = self.out_dir / "run.json"
         if not path.exists():
             return
-        recorded = json.loads(path.read_text())
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ExperimentError(f"{path}: cannot read it ({error}); use another --out directory") from None
+        if not isinstance(recorded, dict):
+            raise ExperimentError(f"{path}: not a run file; use another --out directory")
         configuration = json.loads(json.dumps(self.configuration()))
         differing = [k for k in configuration if recorded.get(k) != configuration[k]]
         if differing:
@@ -221,8 +228,7 @@ class Experiment:
         self.norms = {t: float(v) for t, v in recorded.get("norms", {}).items()}
 
     def write_run_file(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "run.json").write_text(json.dumps({**self.configuration(), "norms": self.norms}, indent=1))
+        write_output(self.out_dir / "run.json", json.dumps({**self.configuration(), "norms": self.norms}, indent=1))
 
     def prepare(self) -> None:
         from tqdm.auto import tqdm
@@ -260,11 +266,12 @@ class Experiment:
             SubsetUnit(subset, method, self.spec.points(method, subset, self.norms), list(self.log.points(group_name(subset, method)).values()))
             for subset, method in work if (subset, method) not in done_results
         ]
-        search = SubsetSearch(self.models, self.norms, self.spec.training, self.reference, progress=self.progress)
-        if workers.distributed:
-            search.session_arguments = self.session.arguments()
-        else:  # here: the session already loaded, each point logged as soon as it is scored
-            search.session, search.log = self.session, self.log
+        inputs = SearchInputs(self.models, self.norms, self.spec.training, self.reference)
+        search: Union[DriverSearch, WorkerSearch] = (
+            WorkerSearch(inputs, self.session.arguments())
+            if workers.distributed
+            else DriverSearch(inputs, self.session, self.log, self.progress)
+        )
         bar = tqdm(total=len(work), initial=len(work) - len(units), desc="subsets × methods", unit="run", disable=not self.progress)
         with bar:
             for unit, outcome, _ in run_units(call, search, units, workers):
@@ -293,54 +300,74 @@ class SubsetOutcome:
 
 
 @dataclass
-class SubsetSearch:
-    """The unit of work of the experiment: the grid search of one method on one subset on
-    validation, and the best point scored on test.
-
-    In the driver ``session`` and ``log`` are set: points are logged as they are scored.
-    On a Ray worker (which gets this object once, the towers through the object store)
-    the worker loads its own session from ``session_arguments`` (heads and images come
-    from the cache the driver filled) and returns the point records for the driver to write."""
+class SearchInputs:
+    """What every subset search reads: the fine-tuned towers (on the scoring session's
+    device), their norms and training, and the fine-tuned accuracies."""
 
     models: Dict[str, Dict[str, torch.Tensor]]  # every task's fine-tuned tower
     norms: Dict[str, float]
     training: Optional[Dict[str, Training]]
     reference: Dict[str, Dict[str, float]]  # task -> split -> fine-tuned accuracy
-    progress: bool = False
-    session_arguments: Optional[Dict[str, Any]] = None
-    session: Optional[Session] = None
-    log: Optional[ResultLog] = None
 
-    def __getstate__(self) -> Dict[str, Any]:
-        return {**self.__dict__, "session": None, "log": None, "progress": False}
+    def on(self, device: str) -> "SearchInputs":
+        """These inputs with the towers moved to ``device``."""
+        return replace(self, models={t: {k: v.to(device) for k, v in m.items()} for t, m in self.models.items()})
 
-    def _session(self) -> Session:
-        if self.session is None:
-            assert self.session_arguments is not None
-            self.session = Session(**self.session_arguments, progress=False)
-            self.models = {t: {k: v.to(self.session.device) for k, v in m.items()} for t, m in self.models.items()}
-        return self.session
-
-    def unit(self, method: str, subset: Subset, split: str) -> ClipPoint:
+    def scorer(self, session: Session, method: str, subset: Subset, split: str) -> ClipPoint:
         """The unit of work scoring one grid point of ``method`` on ``subset``."""
-        session = self._session()
-        per_model = {"norms": self.norms, "training": self.training}
         reference = {t: self.reference[t][split] for t in subset}
+        per_model = {"norms": self.norms, "training": self.training}
         return ClipPoint(session, session.base_state, {t: self.models[t] for t in subset}, method, per_model, reference, split)
 
+
+def search_subset(unit: SubsetUnit, inputs: SearchInputs, session: Session, log: ResultLog, progress: bool) -> Dict[str, Any]:
+    """The grid search of one method on one subset on validation (each point appended to
+    ``log``), then the best point scored on test: the ``kind: result`` record."""
+    subset, method = unit.subset, unit.method
+    outcome = run_search(unit.points, inputs.scorer(session, method, subset, "validation"), log, method=method,
+                         task_count=len(subset), group=group_name(subset, method), progress=progress, desc=method)
+    test = inputs.scorer(session, method, subset, "test")(outcome.best_point)
+    return {
+        "kind": "result", "subset": list(subset), "method": method, "params": outcome.best_point.parameters,
+        "grid_size": len(unit.points), "val_score": outcome.best["selection"],
+        "test_accuracy": test.details["accuracy"], "test_normalized": test.scores, "score": mean(test.scores),
+    }
+
+
+@dataclass
+class DriverSearch:
+    """Subset searches in this process: the experiment's session (its towers already on the
+    session's device) and its log, each point written as soon as it is scored."""
+
+    inputs: SearchInputs
+    session: Session
+    log: ResultLog
+    progress: bool = True
+
     def __call__(self, unit: SubsetUnit) -> SubsetOutcome:
-        subset, method = unit.subset, unit.method
-        log = self.log
-        if log is None:
-            log = ResultLog(None)
-            log.records.extend(unit.done)
+        return SubsetOutcome([], search_subset(unit, self.inputs, self.session, self.log, self.progress))
+
+
+@dataclass
+class WorkerSearch:
+    """Subset searches on a Ray worker, which gets this object (the towers through the object
+    store) once: it loads a session of its own from ``session_arguments`` (heads and images
+    come from the cache the driver filled) and returns the point records for the driver to
+    write."""
+
+    inputs: SearchInputs
+    session_arguments: Dict[str, Any]
+
+    @functools.cached_property
+    def loaded(self) -> Tuple[Session, SearchInputs]:
+        """This worker's session and the inputs on its device, made on the first unit."""
+        session = Session(**self.session_arguments, progress=False)
+        return session, self.inputs.on(session.device)
+
+    def __call__(self, unit: SubsetUnit) -> SubsetOutcome:
+        session, inputs = self.loaded
+        log = ResultLog(None)  # in memory: the points already done, then this unit's
+        log.records.extend(unit.done)
         written = len(log.records)
-        outcome = run_search(unit.points, self.unit(method, subset, "validation"), log, method=method, task_count=len(subset),
-                             group=group_name(subset, method), progress=self.progress, desc=method)
-        test = self.unit(method, subset, "test")(outcome.best_point)
-        record = {
-            "kind": "result", "subset": list(subset), "method": method, "params": outcome.best_point.parameters,
-            "grid_size": len(unit.points), "val_score": outcome.best["selection"],
-            "test_accuracy": test.details["accuracy"], "test_normalized": test.scores, "score": mean(test.scores),
-        }
-        return SubsetOutcome([] if log is self.log else log.records[written:], record)
+        result = search_subset(unit, inputs, session, log, progress=False)
+        return SubsetOutcome(log.records[written:], result)

@@ -12,14 +12,17 @@ computed once per task and kept in ``<cache>/heads/``.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import List
 
 import torch
 import torch.nn.functional as F
 
-from fedmerge_plugins.clip.cache import digest, source_identity
+from fedmerge_plugins.clip.cache import KEY_LENGTH, source_identity
 from fedmerge_plugins.clip.tasks import TaskText
+from fedmerge_plugins.store import digest
+from fedmerge_plugins.files import user_path, write_atomic
 
 HEAD_VERSION = 1
 
@@ -49,14 +52,15 @@ def zero_shot_head(clip, tokenizer, text: TaskText, batch_size: int = 256) -> to
 
 def cached_head(clip, tokenizer, base: str, text: TaskText, cache_root: Path) -> torch.Tensor:
     """``zero_shot_head``, read from ``cache_root/heads`` when this base and text were seen."""
-    key = digest("head", HEAD_VERSION, source_identity(base), text.classnames, text.templates)
+    key = digest("head", HEAD_VERSION, source_identity(base), text.classnames, text.templates, length=KEY_LENGTH)
     path = cache_root / "heads" / f"{key}.pt"
     device = clip.text_projection.weight.device
     if path.exists():
         return torch.load(path, map_location=device)
     head = zero_shot_head(clip, tokenizer, text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(head.cpu(), tmp)
-    tmp.replace(path)
+    data = io.BytesIO()
+    torch.save(head.cpu(), data)
+    with user_path(path.parent, "write the zero-shot head cache in"):  # a full or read-only --cache-dir
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data.getvalue())
     return head

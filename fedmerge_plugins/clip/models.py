@@ -20,6 +20,9 @@ from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 
+from fedmerge_plugins.errors import InputError, PathError
+from fedmerge_plugins.files import path_error
+
 StateDict = Dict[str, torch.Tensor]
 
 
@@ -48,7 +51,7 @@ def load_clip(source: str, device: str = "cpu"):
         try:
             model = CLIPModel.from_pretrained(source, dtype=torch.float32)
         except (OSError, ValueError) as error:
-            raise ValueError(f"base CLIP model {source}: cannot load it as a CLIPModel: {error}") from None
+            raise InputError(f"base CLIP model {source}: cannot load it as a CLIPModel: {error}") from None
     return model.to(device).eval()
 
 
@@ -79,10 +82,10 @@ def tower_state_dict(source: str, reference: Optional[Mapping[str, torch.Tensor]
         try:
             model, info = CLIPVisionModel.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
         except (OSError, ValueError) as error:
-            raise ValueError(f"vision tower {name} ({source}): cannot load it: {error}") from None
+            raise InputError(f"vision tower {name} ({source}): cannot load it: {error}") from None
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
-        raise ValueError(f"vision tower {name} ({source}): the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        raise InputError(f"vision tower {name} ({source}): the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     tower = getattr(model, "vision_model", model)
     state = {key: tensor.detach().to(device) for key, tensor in tower.state_dict().items()}
     if reference is not None:
@@ -94,10 +97,10 @@ def check_compatible(state: Mapping[str, torch.Tensor], reference: Mapping[str, 
     missing = sorted(set(reference) - set(state))
     extra = sorted(set(state) - set(reference))
     if missing or extra:
-        raise ValueError(f"vision tower {label}: tensors differ from the base tower's (missing {missing[:3]}, extra {extra[:3]})")
+        raise InputError(f"vision tower {label}: tensors differ from the base tower's (missing {missing[:3]}, extra {extra[:3]})")
     for key, tensor in reference.items():
         if state[key].shape != tensor.shape:
-            raise ValueError(
+            raise InputError(
                 f"vision tower {label}: tensor {key} has shape {tuple(state[key].shape)}, the base {tuple(tensor.shape)}"
             )
 
@@ -111,10 +114,17 @@ def save_tower(state: Mapping[str, torch.Tensor], vision_config, out: Path) -> N
     """Write ``state`` as a ``CLIPVisionModel`` checkpoint (safetensors) in the current layout."""
     from transformers import CLIPVisionModel
 
+    from safetensors import SafetensorError
+
     with quiet_transformers():
         model = CLIPVisionModel(vision_config)
         getattr(model, "vision_model", model).load_state_dict({k: v.cpu() for k, v in state.items()})
-        model.save_pretrained(str(out))
+        try:
+            model.save_pretrained(str(out))
+        except OSError as error:  # a full or read-only --out
+            raise path_error(out, error) from error
+        except SafetensorError as error:  # the same, from the safetensors writer
+            raise PathError(f"cannot write {out}: {error}") from error
 
 
 def export_towers(base: str, finetuned: Mapping[str, str], out: Path) -> Dict[str, Path]:

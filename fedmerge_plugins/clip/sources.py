@@ -9,7 +9,7 @@ from fedmerge_plugins.clip.tasks import DEFAULT_FINETUNED, canonical
 from fedmerge_plugins.errors import FedmergeError
 
 
-class SourceError(FedmergeError, ValueError):
+class SourceError(FedmergeError):
     """A fine-tuned model that cannot be found; ``field`` is ``models`` (a TASK=SRC item)
     or ``models_dir``, so each command can name its own option."""
 

@@ -11,13 +11,15 @@ Written to ``<out>/summary.md``, ``<out>/summary.json`` and ``<out>/figure1.png`
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fedmerge_plugins.catalogue import BASELINE, LABELS
-from fedmerge_plugins.search.engine import ResultLog
+from fedmerge_plugins.search.engine import ResultLog, SearchError
 from fedmerge_plugins.clip.tasks import display_name
+from fedmerge_plugins.files import user_path, write_output
 
 PRETTY = LABELS
 TABLE_ORDER = ("task_arithmetic", "median", "fednova", "fedgma", "cclip")  # the paper's tables
@@ -27,7 +29,11 @@ UNCHANGED_TOLERANCE = 1e-9
 def results(out_dir: Path) -> Dict[Tuple[Tuple[str, ...], str], Dict[str, Any]]:
     """(subset, method) -> result record of a run directory."""
     log = ResultLog(Path(out_dir) / "results.jsonl")
-    return {(tuple(r["subset"]), r["method"]): r for r in log.records if r.get("kind") == "result"}
+    found = [r for r in log.records if r.get("kind") == "result"]
+    for record in found:
+        if not isinstance(record.get("subset"), list) or not isinstance(record.get("method"), str):
+            raise SearchError(f"{log.path}: a result record without its subset or method: {json.dumps(record)[:200]}")
+    return {(tuple(r["subset"]), r["method"]): r for r in found}
 
 
 def _methods(found: Mapping[Tuple[Tuple[str, ...], str], Any]) -> List[str]:
@@ -127,22 +133,29 @@ def histograms(deltas: Mapping[str, List[float]], path: Path) -> None:
         axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     figure.suptitle("Average normalized accuracy against task arithmetic, per subset of tasks")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=120)
     plt.close(figure)
+    write_output(path, png.getvalue())
 
 
 def write_summary(out_dir: Path, tasks: Optional[Sequence[str]] = None) -> Dict[str, Path]:
     """Write summary.md, summary.json and (with a baseline to compare to) figure1.png."""
     out_dir = Path(out_dir)
     if tasks is None:
-        run = json.loads((out_dir / "run.json").read_text())
-        tasks = run["spec"]["tasks"]
+        path = out_dir / "run.json"
+        with user_path(path, "read"):
+            text = path.read_text(encoding="utf-8")
+        try:
+            tasks = json.loads(text)["spec"]["tasks"]
+        except (ValueError, KeyError, TypeError):
+            raise SearchError(f"{path}: not the run file of a CLIP experiment (no spec.tasks)") from None
     found = results(out_dir)
     t1, t2 = table1(found, tasks), table2(found)
     subsets = len({subset for subset, _ in found})
     written = {"markdown": out_dir / "summary.md", "json": out_dir / "summary.json"}
-    written["markdown"].write_text(markdown(t1, t2, tasks, subsets))
-    written["json"].write_text(json.dumps({"table1": t1, "table2": t2, "changes": changes(found)}, indent=1))
+    write_output(written["markdown"], markdown(t1, t2, tasks, subsets))
+    write_output(written["json"], json.dumps({"table1": t1, "table2": t2, "changes": changes(found)}, indent=1))
     deltas = changes(found)
     if deltas:
         written["figure"] = out_dir / "figure1.png"

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Dict, Optional, Sequence, Tuple
 
+
+from fedmerge_plugins.errors import DataError
 PAPER_TASKS: Tuple[str, ...] = ("cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn")
 DISPLAY_NAMES: Dict[str, str] = {
     "cars": "Cars", "dtd": "DTD", "eurosat": "EuroSAT", "gtsrb": "GTSRB",
@@ -71,7 +73,7 @@ def task_text(task: str, dataset_classnames: Optional[Sequence[str]] = None) -> 
     if text is not None:
         return text
     if not dataset_classnames:
-        raise ValueError(
+        raise DataError(
             f"task {task!r} is not one of the paper's tasks ({', '.join(PAPER_TASKS)}) and its "
             "dataset names no classes: cannot build a zero-shot head"
         )

@@ -21,7 +21,6 @@ and the task vectors stay small and compatible: the regime where task arithmetic
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import shutil
@@ -33,6 +32,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from fedmerge_plugins.demo import data
 from fedmerge_plugins.demo.train import ModelShape, TrainSpec
+from fedmerge_plugins.store import digest
 
 MANIFEST = "manifest.json"
 # task model directory name (as the paper names them) -> evaluation task
@@ -104,8 +104,7 @@ def cache_key(config: BuildConfig) -> str:
     sources = [inspect.getsource(module) for module in (data, tokenizer, train, prompts)]
     sources += [inspect.getsource(function) for function in (build_models, finetune_runs, pretrain_run, finetune_run)]
     versions = [torch.__version__, transformers.__version__, tokenizers.__version__]
-    payload = json.dumps([config_dict(config), versions, sources], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return digest(config_dict(config), versions, sources, length=16)
 
 
 def read_manifest(models_dir: Path) -> Optional[dict]:

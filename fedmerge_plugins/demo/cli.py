@@ -29,10 +29,13 @@ def demo_command(out: Path, size: str, rebuild: bool, device: str, workers: Opti
         os.environ.setdefault(name, "1" if name != "TOKENIZERS_PARALLELISM" else "false")
     import torch
 
-    from fedmerge_plugins.cli import one_line_errors
+    from fedmerge_plugins.boundary import one_line_errors
     from fedmerge_plugins.demo.run import SIZES, run_demo
 
     torch.set_num_threads(threads)
     settings = replace(SIZES[size], search_each_seed=True) if search_each_seed else SIZES[size]
     with one_line_errors():
+        from fedmerge_plugins.evaluation.sandbox import require_isolation
+
+        click.echo(require_isolation().describe(), err=True)  # the code task runs model-written programs
         run_demo(out, size, rebuild=rebuild, device=device, settings=settings, workers=workers, log=click.echo)

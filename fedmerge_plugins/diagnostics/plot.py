@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 from fedmerge_plugins.diagnostics.report import InspectReport
+from fedmerge_plugins.files import write_output
 
 
 def plot_report(report: InspectReport, path: Path) -> Path:
@@ -38,8 +40,8 @@ def plot_report(report: InspectReport, path: Path) -> Path:
                 heat.text(t, s, f"{value:.2f}".replace("-0.00", "0.00"), ha="center", va="center", fontsize=8, color=color)
     figure.colorbar(image, ax=heat, shrink=0.8)
     figure.suptitle(f"{report.recipe} ({report.method}, T = {len(labels)})", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=120)
     plt.close(figure)
-    return path
+    write_output(path, png.getvalue())  # whole or not at all; a PathError naming it
+    return Path(path)

@@ -28,7 +28,7 @@ import torch
 from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 
-from fedmerge_plugins.norms.cache import CACHE, NormCache
+from fedmerge_plugins.norms.cache import NormCache
 from fedmerge_plugins.norms.streaming import NormSums, checkpoint_loaders, model_index, resolve_norms, shared_rows, stream_tensors
 
 CHUNK = 1 << 22  # coordinates per float64 block of the Gram accumulation
@@ -105,7 +105,7 @@ def collect_stats(
     *,
     labels: Optional[Sequence[str]] = None,
     device: str = "cpu",
-    cache: NormCache = CACHE,
+    cache: Optional[NormCache] = None,
 ) -> TaskVectorStats:
     """Stream ``base`` and ``models`` once and measure their task vectors."""
     labels = list(labels or [str(m) for m in models])

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from fedmerge_plugins.errors import DataError, PathError
+from fedmerge_plugins.files import write_output
 from fedmerge_plugins.evaluation.backends import Backend
 from fedmerge_plugins.evaluation.lm_eval_tasks import IncludePath, PrimaryMetric, lm_eval_name, primary_metric, resolve_tasks, task_manager, tasks_dir
 from fedmerge_plugins.evaluation.loaders import check_split, local_path
@@ -100,15 +102,15 @@ def check_request(
     batch_size: int = 8,
     max_gen_toks: Optional[int] = 256,
 ) -> None:
-    """Everything that can be checked before data or model are read; raises ValueError (or
-    FileNotFoundError for missing data files; ``SandboxUnavailable``, a ValueError, where code
-    tasks cannot run sandboxed). Data and split options concern fedmerge's own tasks; other
-    lm-eval tasks read the data and split their YAML names."""
+    """Everything that can be checked before data or model are read; raises ``DataError``
+    (``PathError`` for missing data files; ``SandboxUnavailable`` where code tasks cannot
+    run sandboxed). Data and split options concern fedmerge's own tasks; other lm-eval tasks
+    read the data and split their YAML names."""
     check_split(split, validation_fraction, local=data_dir is not None)
     tasks = [short for short in tasks if short in TASKS]
     code_tasks = [short for short in tasks if TASKS[short].runs_code]
     if code_tasks and not allow_code_execution:
-        raise ValueError(
+        raise DataError(
             f"{', '.join(code_tasks)} run model-written code; allow it explicitly "
             "(allow_code_execution=True, CLI --allow-code-execution)"
         )
@@ -117,17 +119,17 @@ def check_request(
     if data_dir is None:
         local_only = [short for short in tasks if TASKS[short].hub is None]
         if local_only:
-            raise ValueError(f"{', '.join(local_only)} has no public dataset here: give a data directory")
+            raise DataError(f"{', '.join(local_only)} has no public dataset here: give a data directory")
     else:
         missing = [str(local_path(data_dir, short)) for short in tasks if not local_path(data_dir, short).is_file()]
         if missing:
-            raise FileNotFoundError(f"evaluation data file(s) not found: {', '.join(missing)}")
+            raise PathError(f"evaluation data file(s) not found: {', '.join(missing)}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, not {limit}")
+        raise DataError(f"limit must be at least 1, not {limit}")
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, not {batch_size}")
+        raise DataError(f"batch size must be at least 1, not {batch_size}")
     if max_gen_toks is not None and max_gen_toks < 1:
-        raise ValueError(f"max_gen_toks must be at least 1, not {max_gen_toks}")
+        raise DataError(f"max_gen_toks must be at least 1, not {max_gen_toks}")
 
 
 def load_tasks(
@@ -206,7 +208,7 @@ def evaluate_lm(
     for short, task in task_objects.items():
         wanted = max_gen_toks or own_limit(task)
         if wanted is not None and wanted >= lm.max_length:
-            raise ValueError(
+            raise DataError(
                 f"{model_name}: {short} generates up to {wanted} tokens but the model's context is only "
                 f"{lm.max_length}; lower --max-gen-toks (max_gen_toks)"
             )
@@ -229,15 +231,13 @@ def write_results(result: EvalResult, output_dir: "str | Path") -> Path:
     from lm_eval.utils import handle_non_serializable
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     summary = {key: value for key, value in result.raw.items() if key != "samples"}
     summary["fedmerge_scores"] = result.scores
     path = output_dir / "results.json"
-    path.write_text(json.dumps(summary, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    write_output(path, json.dumps(summary, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
     for task_name, samples in result.raw.get("samples", {}).items():
-        with open(output_dir / f"samples_{task_name}.jsonl", "w", encoding="utf-8") as handle:
-            for sample in samples:
-                handle.write(json.dumps(sample, default=handle_non_serializable, ensure_ascii=False) + "\n")
+        lines = (json.dumps(sample, default=handle_non_serializable, ensure_ascii=False) + "\n" for sample in samples)
+        write_output(output_dir / f"samples_{task_name}.jsonl", "".join(lines))
     return path
 
 
@@ -285,7 +285,7 @@ def fit_generation(
     for name, task in generating.items():
         room[name] = context - longest_prompt(model_dir, task, limit)
         if room[name] < 1:
-            raise ValueError(f"{Path(model_dir).name}: the longest {name} prompt fills the model's whole context of {context} tokens")
+            raise DataError(f"{Path(model_dir).name}: the longest {name} prompt fills the model's whole context of {context} tokens")
     wanted = {name: max_gen_toks or own_limit(task) for name, task in generating.items()}
     tight = min(room, key=room.get)  # type: ignore[arg-type]
     if all(wanted[name] <= room[name] for name in generating):

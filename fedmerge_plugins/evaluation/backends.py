@@ -93,5 +93,5 @@ class Backend:
         self.check()
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
+            raise BackendError(f"{model_dir} is not a model directory (no config.json)")
         return get_model(self.name).create_from_arg_obj(self.model_args(model_dir))

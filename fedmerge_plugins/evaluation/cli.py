@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import click
 
+from fedmerge_plugins.cli import ExistingPath, error_boundary
 from fedmerge_plugins.evaluation.tasks import ALL_TASKS, PAPER_TASKS
 
 _BACKEND_OPTIONS = (
@@ -56,8 +57,20 @@ def backend_from_options(
     )
 
 
+def announce_sandbox(tasks: Any, allow_code_execution: bool) -> None:
+    """Say on stderr, in one line, how model-written code will run, when some task runs it
+    (or refuse, where it cannot be isolated: ``SandboxUnavailable``)."""
+    from fedmerge_plugins.evaluation.tasks import TASKS
+
+    if allow_code_execution and any(TASKS[task].runs_code for task in tasks if task in TASKS):
+        from fedmerge_plugins.evaluation.sandbox import require_isolation
+
+        click.echo(require_isolation().describe(), err=True)
+
+
+@error_boundary
 @click.command("eval")
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model_dir", type=ExistingPath(file_okay=False, path_type=Path))
 @click.option(
     "--tasks",
     default=",".join(PAPER_TASKS),
@@ -68,12 +81,12 @@ def backend_from_options(
     "--include-path",
     "include_path",
     multiple=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=ExistingPath(file_okay=False, path_type=Path),
     help="A folder of your own lm-eval task YAMLs (repeatable), as lm_eval --include_path.",
 )
 @click.option(
     "--data-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=ExistingPath(file_okay=False, path_type=Path),
     help="Read DIR/<task>.jsonl instead of the public datasets (offline).",
 )
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N items of each task.")
@@ -113,7 +126,7 @@ def backend_from_options(
 )
 @click.option(
     "--reference",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=ExistingPath(dir_okay=False, path_type=Path),
     help="JSON {task: score} of the fine-tuned models (or another run's --output results.json): also print normalized accuracy.",
 )
 @click.option(
@@ -147,20 +160,19 @@ def eval_command(
     """Evaluate the model in MODEL_DIR on GSM8K, MATH, HumanEval and MBPP as in the paper
     (zero-shot, greedy), or on any lm-eval task, and print a table laid out like the paper's
     Table 5, then each score's 95 % interval (and, with --reference, normalized accuracy)."""
+    from fedmerge_plugins.errors import DataError
     from fedmerge_plugins.evaluation.api import evaluate_model
-    from fedmerge_plugins.evaluation.backends import BackendError
-    from fedmerge_plugins.evaluation.loaders import DataUnavailable
     from fedmerge_plugins.evaluation.report import format_table, write_alpaca_eval_outputs
     from fedmerge_plugins.evaluation.intervals import interval_lines, read_reference, score_interval
     from fedmerge_plugins.evaluation.lm_eval_tasks import parse_names
 
     try:
         names = parse_names(tasks)  # checked against lm-eval's tasks by evaluate_model
-    except ValueError as error:
+    except DataError as error:
         raise click.BadParameter(str(error), param_hint="--tasks") from None
     try:
         reference_scores = read_reference(reference) if reference is not None else None
-    except ValueError as error:
+    except DataError as error:
         raise click.BadParameter(str(error), param_hint="--reference") from None
     if alpaca_eval_outputs is not None and "instruct" not in names:
         raise click.UsageError("--alpaca-eval-outputs writes the instruct task's answers: add instruct to --tasks")
@@ -174,26 +186,29 @@ def eval_command(
         batch_size=batch_size,
         dtype=dtype,
     )
-    try:
-        result = evaluate_model(
-            model_dir,
-            names,
-            data_dir=data_dir,
-            limit=limit,
-            device=device,
-            batch_size=batch_size,
-            max_gen_toks=max_gen_toks or None,
-            split=split,
-            validation_fraction=validation_fraction,
-            seed=seed,
-            allow_code_execution=allow_code_execution,
-            output_dir=output,
-            backend=lm_backend,
-            include_path=include_path,
-            note=lambda line: click.echo(line, err=True),
-        )
-    except (ValueError, FileNotFoundError, DataUnavailable, BackendError) as error:
-        raise click.ClickException(str(error)) from None
+    from fedmerge_plugins.files import check_writable
+
+    for target in (output / "results.json" if output is not None else None, alpaca_eval_outputs):
+        if target is not None:
+            check_writable(target)  # a read-only or full place: refused before the evaluation
+    announce_sandbox(names, allow_code_execution)
+    result = evaluate_model(
+        model_dir,
+        names,
+        data_dir=data_dir,
+        limit=limit,
+        device=device,
+        batch_size=batch_size,
+        max_gen_toks=max_gen_toks or None,
+        split=split,
+        validation_fraction=validation_fraction,
+        seed=seed,
+        allow_code_execution=allow_code_execution,
+        output_dir=output,
+        backend=lm_backend,
+        include_path=include_path,
+        note=lambda line: click.echo(line, err=True),
+    )
     click.echo(format_table([((model_dir.name,), result.scores)]))
     click.echo("items: " + ", ".join(f"{short} {count}" for short, count in result.counts.items()))
     for line in interval_lines({name: score_interval(result.item_scores(name)) for name in result.scores}, reference_scores):

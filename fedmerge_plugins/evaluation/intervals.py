@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence
 
+from fedmerge_plugins.errors import DataError, reason
+
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
 
 
@@ -80,22 +82,26 @@ def read_reference(path) -> Dict[str, float]:
     import json
     from pathlib import Path
 
+    from fedmerge_plugins.files import user_path
+
+    with user_path(path, "read"):
+        text = Path(path).read_bytes()  # decoded by json.loads (a ValueError when not UTF-8)
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: cannot read reference scores: {error}") from None
+        data = json.loads(text)
+    except ValueError as error:
+        raise DataError(f"{path}: cannot read reference scores: {reason(error)}") from None
     if isinstance(data, Mapping):
         for key in ("scores", "fedmerge_scores"):
             if isinstance(data.get(key), Mapping):
                 data = data[key]
                 break
     if not isinstance(data, Mapping) or not data:
-        raise ValueError(f"{path}: expected {{task: score}}")
+        raise DataError(f"{path}: expected {{task: score}}")
     scores = {}
     for name, value in data.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"{path}: score {name!r} is {value!r}, not a finite number")
+            raise DataError(f"{path}: score {name!r} is {value!r}, not a finite number")
         if value <= 0:
-            raise ValueError(f"{path}: reference score of {name} is {value}; normalized accuracy needs it above 0")
+            raise DataError(f"{path}: reference score of {name} is {value}; normalized accuracy needs it above 0")
         scores[str(name)] = float(value)
     return scores

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Tuple
 
+from fedmerge_plugins.errors import DataError, PathError
 from fedmerge_plugins.evaluation.tasks import ALL_TASKS, TASKS
 
 TASKS_DIR_ENV = "FEDMERGE_EVAL_TASKS"
@@ -30,7 +31,7 @@ def tasks_dir() -> Path:
     for candidate in candidates:
         if (candidate / "fedmerge_gsm8k.yaml").is_file():
             return candidate
-    raise FileNotFoundError(
+    raise PathError(
         f"fedmerge's lm-eval task configs were not found (looked in {', '.join(map(str, candidates))}); "
         f"set {TASKS_DIR_ENV} to the eval/ directory of a fedmerge checkout"
     )
@@ -40,7 +41,7 @@ def include_paths(include_path: IncludePath = ()) -> list:
     """``eval/`` and the user's folders, as lm-eval's ``include_path`` list."""
     missing = [str(p) for p in include_path if not Path(p).is_dir()]
     if missing:
-        raise ValueError(f"--include-path {', '.join(missing)}: not a folder")
+        raise PathError(f"--include-path {', '.join(missing)}: not a folder")
     return [str(tasks_dir()), *(str(Path(p).resolve()) for p in include_path)]
 
 
@@ -74,7 +75,7 @@ def parse_names(tasks: "str | Iterable[str]") -> Tuple[str, ...]:
     names = [item.strip() for item in items if item.strip()]
     names = [name.lower() if name.lower() in TASKS else name for name in names]
     if not names:
-        raise ValueError("no evaluation task given")
+        raise DataError("no evaluation task given")
     return tuple(dict.fromkeys(names))
 
 
@@ -94,12 +95,12 @@ def resolve_tasks(tasks: "str | Iterable[str]", include_path: IncludePath = ()) 
     if unknown:
         hints = [match for name in unknown for match in difflib.get_close_matches(name, manager.all_tasks, 3)]
         where = "fedmerge's (" + ", ".join(ALL_TASKS) + ")" + (", the --include-path folders'" if include_path else "") + " or lm-eval's"
-        raise ValueError(
+        raise DataError(
             f"unknown evaluation task(s) {', '.join(unknown)}: not among {where}" + (f"; did you mean {', '.join(dict.fromkeys(hints))}?" if hints else "")
         )
     not_tasks = [name for name in others if name not in manager.all_subtasks]
     if not_tasks:
-        raise ValueError(f"{', '.join(not_tasks)}: an lm-eval group or tag, not one task; name its tasks (lm_eval --tasks list shows them)")
+        raise DataError(f"{', '.join(not_tasks)}: an lm-eval group or tag, not one task; name its tasks (lm_eval --tasks list shows them)")
     return names, stock
 
 

@@ -20,6 +20,8 @@ import random
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from fedmerge_plugins.errors import DataError, PathError
+from fedmerge_plugins.files import path_error
 from fedmerge_plugins.evaluation.answers import gsm8k_reference, math_reference
 from fedmerge_plugins.evaluation.tasks import TaskSpec, get_spec
 
@@ -27,7 +29,7 @@ Record = Dict[str, Any]
 SPLITS = ("test", "validation")
 
 
-class DataUnavailable(RuntimeError):
+class DataUnavailable(DataError):
     """A public dataset could not be loaded (offline, or not cached)."""
 
 
@@ -37,30 +39,38 @@ def local_path(data_dir: "str | Path", short: str) -> Path:
 
 
 def read_jsonl(path: "str | Path") -> List[Record]:
+    """The JSON objects of a JSONL file, one a line; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"evaluation data file {path} does not exist")
+        raise PathError(f"evaluation data file {path} does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise path_error(path, error, "read") from error
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object")
-            records.append(record)
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}, line {number}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}, line {number}: not JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object")
+        records.append(record)
     if not records:
-        raise ValueError(f"{path} holds no records")
+        raise DataError(f"{path} holds no records")
     return records
 
 
 def _require(record: Mapping[str, Any], fields: Sequence[str], where: str) -> None:
     missing = [field for field in fields if field not in record]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+        raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
 
 
 def normalize_record(short: str, record: Mapping[str, Any], where: str) -> Record:
@@ -85,7 +95,7 @@ def normalize_record(short: str, record: Mapping[str, Any], where: str) -> Recor
             _require(record, ("task_id", "text", "test_list"), where)
             tests = record["test_list"]
             if not isinstance(tests, list) or not tests or not all(isinstance(test, str) for test in tests):
-                raise ValueError("test_list must be a non-empty list of assert statements")
+                raise DataError("test_list must be a non-empty list of assert statements")
             return {
                 "task_id": str(record["task_id"]),
                 "text": record["text"],
@@ -95,16 +105,16 @@ def normalize_record(short: str, record: Mapping[str, Any], where: str) -> Recor
         if short == "instruct":
             _require(record, ("instruction", "output"), where)
             return {"instruction": record["instruction"], "output": str(record["output"])}
-    except ValueError as error:
+    except (ValueError, DataError) as error:  # answers.py's parsers raise ValueError
         message = str(error)
-        raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
-    raise ValueError(f"unknown evaluation task {short!r}")
+        raise DataError(message if message.startswith(where) else f"{where}: {message}") from None
+    raise DataError(f"unknown evaluation task {short!r}")
 
 
 def load_hub_records(spec: TaskSpec) -> List[Record]:
     """The task's public dataset (all configs concatenated, in order) as plain records."""
     if spec.hub is None:
-        raise ValueError(
+        raise DataError(
             f"task {spec.short!r} has no public dataset here; give a data directory holding {spec.short}.jsonl"
         )
     import datasets
@@ -128,14 +138,14 @@ def check_split(split: str, validation_fraction: Optional[float], *, local: bool
     says: a local file is the split. Public data without a fraction is its test set, which a
     search must not select on: "validation" then needs a fraction."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+        raise DataError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     if validation_fraction is None and split != "test" and not local:
-        raise ValueError(
+        raise DataError(
             "split 'validation' of the public datasets needs a validation fraction (--validation-fraction 0.05), "
             "or give --data-dir a folder of validation files"
         )
     if validation_fraction is not None and not 0 < validation_fraction < 1:
-        raise ValueError(f"validation fraction must be in (0, 1), not {validation_fraction}")
+        raise DataError(f"validation fraction must be in (0, 1), not {validation_fraction}")
 
 
 def split_indices(count: int, split: str, validation_fraction: Optional[float], seed: int) -> List[int]:
@@ -150,7 +160,7 @@ def split_indices(count: int, split: str, validation_fraction: Optional[float], 
         return list(range(count))
     size = max(1, round(validation_fraction * count))
     if size >= count:
-        raise ValueError(f"{count} item(s) are too few for a validation fraction of {validation_fraction}")
+        raise DataError(f"{count} item(s) are too few for a validation fraction of {validation_fraction}")
     validation = set(random.Random(seed).sample(range(count), size))
     return [index for index in range(count) if (index in validation) == (split == "validation")]
 
@@ -176,8 +186,8 @@ def load_task_records(
     records = [normalize_record(short, record, f"{source}, record {number}") for number, record in enumerate(raw, 1)]
     try:
         indices = split_indices(len(records), split, validation_fraction, seed)
-    except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
+    except DataError as error:
+        raise DataError(f"{source}: {error}") from None
     return [records[index] for index in indices]
 
 

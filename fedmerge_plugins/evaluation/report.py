@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fedmerge_plugins.evaluation.tasks import TASKS
+from fedmerge_plugins.files import write_output
 
 # Table 5's column groups, in its order; "instruct" stands where AlpacaEval is in the paper.
 TABLE_GROUPS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
@@ -74,7 +75,5 @@ def write_alpaca_eval_outputs(
     samples = raw.get("samples", {}).get(task_name)
     if samples is None:
         raise ValueError("no generations of the instruct task to write (was it evaluated?)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(alpaca_eval_records(samples, generator), indent=2, ensure_ascii=False) + "\n")
-    return path
+    write_output(path, json.dumps(alpaca_eval_records(samples, generator), indent=2, ensure_ascii=False) + "\n")
+    return Path(path)

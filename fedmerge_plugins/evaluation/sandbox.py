@@ -66,7 +66,7 @@ _PROBE = (
 )
 
 
-class SandboxUnavailable(FedmergeError, ValueError):
+class SandboxUnavailable(FedmergeError):
     """The OS cannot isolate model-written code and running without isolation was not allowed."""
 
 
@@ -246,13 +246,13 @@ def unsandboxed_allowed() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def require_isolation() -> Isolation:
-    """The isolation in force, announced in one line on stderr (once per process). Raises
-    ``SandboxUnavailable`` naming the missing properties unless FEDMERGE_ALLOW_UNSANDBOXED=1."""
+    """The isolation in force (probed once per process; its ``describe()`` is the line a
+    command prints). Raises ``SandboxUnavailable`` naming the missing properties unless
+    FEDMERGE_ALLOW_UNSANDBOXED=1."""
     level = isolation()
     if not level.sandboxed and not unsandboxed_allowed():
         raise SandboxUnavailable(
             f"cannot isolate model-written code ({level.reason}); missing: {'; '.join(level.missing)}. "
             f"Set {ALLOW_ENV}=1 to run it with time, memory and output limits only"
         )
-    print(level.describe(), file=sys.stderr)
     return level

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+from fedmerge_plugins.errors import DataError
+
 
 @dataclass(frozen=True)
 class HubSource:
@@ -80,4 +82,4 @@ def get_spec(short: str) -> TaskSpec:
     try:
         return TASKS[short]
     except KeyError:
-        raise ValueError(f"unknown evaluation task {short!r}; known: {', '.join(ALL_TASKS)}") from None
+        raise DataError(f"unknown evaluation task {short!r}; known: {', '.join(ALL_TASKS)}") from None

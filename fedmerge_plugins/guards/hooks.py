@@ -1,49 +1,47 @@
 """fedmerge's checks inside mergekit's own merge entry points.
 
-``fedmerge_autoload`` calls these when ``mergekit.merge`` and ``mergekit.plan`` are imported:
-the recipe-only checks, the models' existence and their weight files' headers at the start
-of ``run_merge`` (before any model is resolved or downloaded), all of them, shapes
-included, when ``MergePlanner`` starts (before any output exists); the merge itself is
-written to a staging folder that becomes the output only when complete.
+``fedmerge_autoload`` calls these when ``mergekit.merge`` and ``mergekit.plan`` are imported.
+Each merge is checked once: ``run_merge`` checks the recipe (its YAML text's keys too, when
+mergekit-yaml passes it), the models' existence and their weight files' headers before
+any model is resolved or downloaded, and the ``MergePlanner`` it starts adds only the
+tensor shapes (before any output exists); a planner started outside ``run_merge`` runs
+every check. The merge itself is written to a staging folder that becomes the output
+only when complete. Arguments are bound by name against the wrapped function's signature.
 
-This module is the boundary to mergekit's click command: inside ``mergekit-yaml`` (a click
-context is active) a ``FedmergeError`` becomes a one-line click error; called from Python,
-the error itself (``RecipeError``, ``InputError``, ``NonFiniteError``…) propagates.
+Inside ``mergekit-yaml`` (a click context is active) a ``FedmergeError`` becomes a one-line
+click error (``boundary``); called from Python, the error itself (``RecipeError``,
+``InputError``, ``NonFiniteError``…) propagates.
 """
 
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import functools
 import importlib
-from typing import Any, Iterator
+import inspect
+from typing import Any, Optional
 
 from mergekit.config import MergeConfiguration
 
+from fedmerge_plugins.boundary import one_line_under_click
 
-@contextlib.contextmanager
-def _one_line_under_click(verbose: bool = False) -> Iterator[None]:
-    import click
+# the configuration whose run_merge call is in progress (checked already)
+_CHECKED: contextvars.ContextVar[Optional[MergeConfiguration]] = contextvars.ContextVar("fedmerge_checked", default=None)
 
-    if click.get_current_context(silent=True) is None:
-        yield
-        return
-    from fedmerge_plugins.cli import one_line_errors
 
-    with one_line_errors(verbose):
-        yield
+def _verbose(options: Any) -> bool:
+    return (getattr(options, "verbosity", 0) or 0) >= 2
 
 
 def install_run_merge_check() -> None:
-    """Wrap ``mergekit.merge.run_merge`` (idempotent): check the recipe's parameters, that
-    every model exists and that local weight files can be read, before it resolves (and
-    downloads) any model; then merge into a staging folder that becomes the output only
-    when the merge is complete (``staging``). Under ``mergekit-yaml`` a ``FedmergeError``
-    raised anywhere in the merge (a NaN found mid-merge) is one line; ``-vv`` shows the
-    traceback."""
-    from fedmerge_plugins.guards.sources import check_sources
-    from fedmerge_plugins.guards.recipe import check_recipe
+    """Wrap ``mergekit.merge.run_merge`` (idempotent): check the recipe, that every model
+    exists and that local weight files can be read, before it resolves (and downloads)
+    any model; then merge into a staging folder that becomes the output only when the
+    merge is complete (``staging``). Under ``mergekit-yaml`` a ``FedmergeError`` raised
+    anywhere in the merge (a NaN found mid-merge) is one line; ``-vv`` shows the traceback."""
+    from fedmerge_plugins.guards.recipe import check_recipe, check_recipe_text
     from fedmerge_plugins.guards.shapes import check_readable
+    from fedmerge_plugins.guards.sources import check_sources
     from fedmerge_plugins.guards.staging import staged_output
 
     # Called while mergekit.merge finishes loading: take it from sys.modules, not the package.
@@ -51,38 +49,52 @@ def install_run_merge_check() -> None:
     original = merge.run_merge
     if getattr(original, "fedmerge_checked", False):
         return
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def run_merge(merge_config: MergeConfiguration, out_path: str, *args: Any, **kwargs: Any) -> Any:
-        options = kwargs.get("options", args[0] if args else None)
-        with _one_line_under_click(getattr(options, "verbosity", 0) >= 2):
-            check_recipe(merge_config, shapes=False)
-            check_sources(merge_config, cache_dir=getattr(options, "transformers_cache", None))
-            check_readable(merge_config)
-            with staged_output(out_path) as stage:
-                return original(merge_config, stage, *args, **kwargs)
+    def run_merge(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        config, options = bound.arguments["merge_config"], bound.arguments.get("options")
+        with one_line_under_click(_verbose(options)):
+            from_file = check_recipe_text(bound.arguments.get("config_source"))
+            check_recipe(config, shapes=False, from_file=from_file)
+            check_sources(config, cache_dir=getattr(options, "transformers_cache", None))
+            check_readable(config)
+            token = _CHECKED.set(config)
+            try:
+                with staged_output(bound.arguments["out_path"]) as stage:
+                    bound.arguments["out_path"] = stage
+                    return original(*bound.args, **bound.kwargs)
+            finally:
+                _CHECKED.reset(token)
 
     run_merge.fedmerge_checked = True  # type: ignore[attr-defined]
     merge.run_merge = run_merge
 
 
 def install_planner_check() -> None:
-    """Run ``check_recipe`` at the start of every ``MergePlanner`` (idempotent)."""
+    """Check the recipe when a ``MergePlanner`` starts (idempotent): its shapes only,
+    inside a ``run_merge`` that checked the rest; everything otherwise."""
     from mergekit.plan import MergePlanner
 
-    from fedmerge_plugins.guards.recipe import check_recipe
+    from fedmerge_plugins.guards.recipe import check_recipe, check_recipe_shapes
 
     original = MergePlanner.__init__
     if getattr(original, "fedmerge_checked", False):
         return
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def __init__(self: MergePlanner, config: MergeConfiguration, *args: Any, **kwargs: Any) -> None:
-        arch_info = kwargs.get("arch_info", args[0] if args else None)
-        options = kwargs.get("options", args[1] if len(args) > 1 else None)
-        with _one_line_under_click(getattr(options, "verbosity", 0) >= 2):
-            check_recipe(config, arch_info=arch_info, options=options)
-        original(self, config, *args, **kwargs)
+    def __init__(self: MergePlanner, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        config = bound.arguments["config"]
+        context = {"arch_info": bound.arguments.get("arch_info"), "options": bound.arguments.get("options")}
+        with one_line_under_click(_verbose(context["options"])):
+            if _CHECKED.get() is config:
+                check_recipe_shapes(config, **context)
+            else:
+                check_recipe(config, **context)
+        original(*bound.args, **bound.kwargs)
 
     __init__.fedmerge_checked = True  # type: ignore[attr-defined]
     MergePlanner.__init__ = __init__  # type: ignore[method-assign]

@@ -16,7 +16,7 @@ from fedmerge_plugins.errors import FedmergeError
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 
 
-class ModelFolderError(FedmergeError, ValueError):
+class ModelFolderError(FedmergeError):
     """A model folder without a config or a tokenizer (named by folder)."""
 
 

@@ -1,11 +1,15 @@
-"""Recipe checks for the fedmerge methods, run before mergekit plans a merge.
+"""Recipe checks, run before mergekit plans a merge.
 
-mergekit ignores parameter keys a method does not declare and reports bad values without
-naming the model, so a typo such as ``learning_rte`` would silently merge with the
-default. ``check_recipe`` rejects, naming the model and key: unknown keys, shared
-parameters set per model, missing required values (fednova's ``steps`` or ``training_log``,
-whose logs are read and checked here), placeholders left in a recipe, values out of range,
-a missing base model; ``check_inputs`` adds models that do not exist (``model_sources``)
+mergekit ignores keys it does not know (a top-level ``paramters:``, a parameter a method
+does not declare), so a typo such as ``lamda`` would silently merge with the default.
+For every method, ``check_recipe_text``/``check_keys`` reject a recipe key mergekit's
+``MergeConfiguration`` does not have, and ``check_recipe`` an unknown ``merge_method``,
+a parameter the method's spec does not declare and a model listed twice, and warns (one
+line) about a base model also listed as a task model (mergekit drops it from the tasks).
+For fedmerge's methods it rejects too, naming the model and key: shared parameters set
+per model, missing values (``rho``; fednova's ``steps`` or ``training_log``, whose logs
+are read and checked here), placeholders left in a recipe, values out of range, a
+missing base model; ``check_inputs`` adds models that do not exist (``model_sources``)
 and weight files or tensor shapes that cannot merge (``shapes``, from the headers).
 ``fedmerge_plugins.guards.hooks``
 runs the recipe-only checks at the start of ``run_merge`` (before any model is resolved or
@@ -15,23 +19,30 @@ output exists).
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Set, Tuple, Type
 
+import mergekit.config
 from mergekit.common import ModelReference
 from mergekit.config import ConditionalParameter, MergeConfiguration
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from fedmerge_plugins import METHOD_NAMES
 from fedmerge_plugins.errors import RecipeError
+from fedmerge_plugins.methods.params import required_in_recipe
 
 if TYPE_CHECKING:
     from fedmerge_plugins.methods.training_record import EffectiveSteps
 
 Block = Tuple[str, Optional[ModelReference], Dict[str, Any]]
+LOG = logging.getLogger(__name__)
+_WARNED: Set[str] = set()  # warnings already given in this process (a sweep checks each point)
 
 
 def parameter_blocks(config: MergeConfiguration) -> Iterator[Block]:
@@ -81,20 +92,76 @@ def model_value(config: MergeConfiguration, model: ModelReference, key: str, def
 
 def load_recipe(path: Path, *, shapes: bool = True) -> Tuple[Dict[str, Any], MergeConfiguration]:
     """The recipe file as YAML data and as a ``MergeConfiguration`` checked by
-    ``check_recipe`` (``shapes=False``: without opening any checkpoint)."""
+    ``check_keys`` and ``check_recipe`` (``shapes=False``: without opening any checkpoint)."""
     import yaml
 
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        config = MergeConfiguration.model_validate(data)
-    except (OSError, yaml.YAMLError) as error:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise RecipeError(f"{path}: cannot read the recipe: {error}") from None
+    check_keys(data, f"{path}: ")
+    try:
+        config = MergeConfiguration.model_validate(data)
     except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        reason = first["msg"].removeprefix("Value error, ")
+        raise RecipeError(f"{path}: not a valid mergekit recipe: {where + ': ' if where else ''}{reason}") from None
+    except RuntimeError as error:  # mergekit's own validators' way to refuse (e.g. no `models:`)
         raise RecipeError(f"{path}: not a valid mergekit recipe: {error}") from None
-    check_recipe(config, shapes=False)
+    check_recipe(config, shapes=False, from_file=True)
     if shapes:  # whatever the method: inspect reads any recipe's models
         check_inputs(config)
     return data, config
+
+
+def _section(annotation: Any) -> Optional[Type[BaseModel]]:
+    """The ``mergekit.config`` class a list or dict field holds (``models``, ``slices``,
+    ``sources``, ``modules``), if any."""
+    for argument in typing.get_args(annotation):
+        if isinstance(argument, type) and issubclass(argument, BaseModel):
+            return argument if argument.__module__ == mergekit.config.__name__ else None
+        found = _section(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def check_keys(data: Any, prefix: str = "", model: Type[BaseModel] = MergeConfiguration, where: str = "") -> None:
+    """Raise RecipeError for a key mergekit's recipe classes (``MergeConfiguration`` and the
+    sections of ``mergekit.config`` it holds: models, slices, sources, modules) do not
+    have; pydantic would drop it without a word. Parameter names: ``check_recipe``."""
+    if not isinstance(data, dict):
+        return
+    fields = model.model_fields
+    known = set(fields) | {f.alias for f in fields.values() if f.alias}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else f"; mergekit reads {', '.join(f'`{k}`' for k in fields)}"
+            raise RecipeError(f"{prefix}unknown recipe key `{key}` {f'in {where}' if where else 'at the top level'}{hint}")
+    for name, field in fields.items():
+        section, value = _section(field.annotation), data.get(field.alias or name)
+        if section is None or name == "parameters":
+            continue
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for index, item in items:
+            check_keys(item, prefix, section, f"{where + '.' if where else ''}{name}[{index}]")
+
+
+def check_recipe_text(source: Optional[str]) -> bool:
+    """``check_keys`` on a recipe's YAML text (what mergekit-yaml passes to ``run_merge``);
+    whether there was one (the recipe came from a file)."""
+    import yaml
+
+    if not source:
+        return False
+    try:
+        data = yaml.safe_load(source)
+    except yaml.YAMLError:
+        return True  # mergekit read it already
+    check_keys(data)
+    return True
 
 
 def _leaves(setting: Any) -> Iterator[Any]:
@@ -124,26 +191,46 @@ def check_inputs(config: MergeConfiguration, *, arch_info: Any = None, options: 
     """Every model the recipe names exists (``model_sources``), its weight files can be
     read, and its tensors have shapes that merge with the base's (``shapes``)."""
     from fedmerge_plugins.guards.sources import check_sources
-    from fedmerge_plugins.guards.shapes import check_shapes
 
     check_sources(config, cache_dir=getattr(options, "transformers_cache", None))
+    _check_shapes(config, arch_info, options)
+
+
+def _check_shapes(config: MergeConfiguration, arch_info: Any, options: Any) -> None:
+    from fedmerge_plugins.guards.shapes import check_shapes
+
     truncate = bool(getattr(options, "unsafe_truncate_embeddings", False))
     check_shapes(config, task_models(config), arch_info=arch_info, truncate_embeddings=truncate)
 
 
-def check_recipe(config: MergeConfiguration, *, shapes: bool = True, arch_info: Any = None, options: Any = None) -> None:
-    """Raise RecipeError for problems in a fedmerge recipe; other methods pass untouched.
+def check_recipe(
+    config: MergeConfiguration, *, shapes: bool = True, arch_info: Any = None, options: Any = None, from_file: bool = False
+) -> None:
+    """Raise RecipeError for problems in a recipe: for every method an unknown method or a
+    model listed twice, and in a recipe file (``from_file``: mergekit-yaml's, inspect's,
+    the sweep's) a parameter the method does not declare; for fedmerge's methods all of
+    that always, and everything else. A ``MergeConfiguration`` built in Python for one of
+    mergekit's methods keeps mergekit's leniency (its own tests rely on it).
 
     ``shapes=False`` skips ``check_inputs``, the checks that read checkpoint headers (and
     so may have to download them): the rest needs only the recipe. ``arch_info`` and
     ``options``: mergekit's, inside a merge.
     """
     method = config.merge_method
-    if method not in METHOD_NAMES:
-        return
+    registered = sorted(m.spec.name for m in registry.registered_methods())
+    if method not in registered:
+        raise RecipeError(f"unknown merge_method `{method}`; registered: {', '.join(registered)}")
+    blocks = list(parameter_blocks(config))
+    _check_models(config)
     spec = registry.get(method).spec
     parameters = {p.name: p for p in spec.parameters}
-    blocks = list(parameter_blocks(config))
+    for where, model, block in blocks if from_file or method in METHOD_NAMES else ():
+        for key in block:
+            if key not in parameters:
+                takes = ", ".join(f"`{name}`" for name in parameters) or "no parameters"
+                raise RecipeError(f"{method}: {where}: unknown parameter `{key}`; {method} takes {takes}")
+    if method not in METHOD_NAMES:
+        return
     if config.base_model is None and not any(s.base_model for s in config.slices or []):
         raise RecipeError(
             f"{method}: the recipe has no `base_model:`; {method} merges task vectors "
@@ -151,12 +238,7 @@ def check_recipe(config: MergeConfiguration, *, shapes: bool = True, arch_info: 
         )
     for where, model, block in blocks:
         for key, setting in block.items():
-            parameter = parameters.get(key)
-            if parameter is None:
-                raise RecipeError(
-                    f"{method}: {where}: unknown parameter `{key}`; {method} takes "
-                    + ", ".join(f"`{name}`" for name in parameters)
-                )
+            parameter = parameters[key]
             if model is not None and parameter.scope == ParameterScope.SHARED:
                 raise RecipeError(
                     f"{method}: {where}: `{key}` is shared by all models; "
@@ -165,7 +247,7 @@ def check_recipe(config: MergeConfiguration, *, shapes: bool = True, arch_info: 
             _check_value(method, where, parameter, setting)
     defaults = {k for where, model, block in blocks if model is None for k in block}
     for parameter in spec.parameters:
-        if not parameter.required:
+        if not required_in_recipe(parameter):
             continue
         if parameter.scope == ParameterScope.SHARED:
             if parameter.name not in defaults:
@@ -180,6 +262,39 @@ def check_recipe(config: MergeConfiguration, *, shapes: bool = True, arch_info: 
             training_record(config, task)
     if shapes:
         check_inputs(config, arch_info=arch_info, options=options)
+
+
+def _check_models(config: MergeConfiguration) -> None:
+    """A model listed twice in one list is an error; for fedmerge's methods, the base model
+    also listed as a task model is a warning (mergekit merges it as the base only: a median
+    "of three" is of two; mergekit's own methods list the base so on purpose, e.g. slerp)."""
+    lists = [("`models:`", config.models or [])]
+    lists += [(f"module {name}", module.models or []) for name, module in (config.modules or {}).items()]
+    lists += [(f"slices[{i}]", s.sources) for i, s in enumerate(config.slices or [])]
+    for where, entries in lists:
+        seen: List[ModelReference] = []
+        for entry in entries:
+            if entry.model in seen:
+                raise RecipeError(f"{config.merge_method}: model {entry.model} is listed twice in {where}")
+            seen.append(entry.model)
+        if config.merge_method in METHOD_NAMES and config.base_model is not None and config.base_model in seen:
+            _warn(
+                f"{config.merge_method}: base model {config.base_model} is also listed in {where}: mergekit "
+                f"uses it as the base only, so {len(seen) - 1} task model(s) are merged, not {len(seen)}"
+            )
+
+
+def _warn(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        LOG.warning("%s", message)
+
+
+def check_recipe_shapes(config: MergeConfiguration, *, arch_info: Any = None, options: Any = None) -> None:
+    """The shape part of ``check_recipe`` alone (a recipe whose other checks and sources
+    were checked already, inside ``run_merge``)."""
+    if config.merge_method in METHOD_NAMES:
+        _check_shapes(config, arch_info, options)
 
 
 def training_record(config: MergeConfiguration, model: ModelReference) -> "EffectiveSteps":

@@ -21,16 +21,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 
-from fedmerge_plugins.errors import FedmergeError, InputError, RecipeError
+from fedmerge_plugins.errors import FedmergeError, InputError, RecipeError, reason
 
 Shape = Tuple[int, ...]
 # the single weight file mergekit opens in a folder without an index (ShardedTensorIndex.from_disk)
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def _reason(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def file_shapes(path: str, label: str) -> Dict[str, Shape]:
@@ -43,7 +38,7 @@ def file_shapes(path: str, label: str) -> Dict[str, Shape]:
                 return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
         return _pickle_shapes(path)
     except Exception as error:  # any failure to parse a header means the file is unusable
-        raise InputError(f"model {label}: cannot read weight file {path}: {_reason(error)}") from None
+        raise InputError(f"model {label}: cannot read weight file {path}: {reason(error)}") from None
 
 
 def _pickle_shapes(path: str) -> Dict[str, Shape]:
@@ -92,7 +87,7 @@ def checkpoint_shapes(model: ModelReference) -> Dict[str, Shape]:
     except FedmergeError:
         raise
     except Exception as error:
-        raise InputError(f"model {model}: cannot read its weights{_where(model)}: {_reason(error)}") from None
+        raise InputError(f"model {model}: cannot read its weights{_where(model)}: {reason(error)}") from None
     shapes: Dict[str, Shape] = {}
     for shard in index.shards:
         found = file_shapes(os.path.join(index.base_path, shard.filename), str(model))

@@ -7,9 +7,9 @@ from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Seque
 import torch
 from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, TensorGroup
 
-from fedmerge_plugins.errors import NonFiniteError
+from fedmerge_plugins.errors import NonFiniteError, RecipeError
 from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, weighted_task_sum
-from fedmerge_plugins.methods.params import LAMBDA, ClipRho, Norm, per_model, shared
+from fedmerge_plugins.methods.params import LAMBDA, ClipRho, Norm, per_model, recipe_required
 
 # (base id, model ids, device) -> ‖θ_model − θ_base‖ per model, over every weight of the checkpoints.
 NormProvider = Callable[[Hashable, Sequence[Hashable], torch.device], List[float]]
@@ -37,7 +37,7 @@ class CClipMerge(GroupMergeMethod):
         contract=BASE_REQUIRED,
         parameters=(
             LAMBDA,
-            shared("rho", ClipRho, doc="clipping radius ρ > 0, in units of the task-vector L2 norm"),
+            recipe_required("rho", ClipRho, None, doc="clipping radius ρ > 0, in units of the task-vector L2 norm (recipes must give it; none: no clipping)"),
             per_model("norm", Norm, None, doc="override of the model's global task-vector norm"),
         ),
     )
@@ -47,8 +47,10 @@ class CClipMerge(GroupMergeMethod):
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         """θ_0 + λ Σ_t τ_t · min(1, ρ / ‖τ_t‖), ‖τ_t‖ the L2 norm of model t's WHOLE task vector (eq. 14)."""
-        norms = self._norms(group, parameters["norm"])
-        coefficients = clip_coefficients(parameters["rho"], norms)
+        if parameters["rho"] is None:  # no radius (mergekit's API only; recipes give one): no clipping
+            coefficients = [1.0] * len(group.non_base)
+        else:
+            coefficients = clip_coefficients(parameters["rho"], self._norms(group, parameters["norm"]))
         return weighted_task_sum(group, coefficients, parameters["lambda"], "cclip")
 
     def _norms(self, group: TensorGroup, overrides: Mapping[Hashable, Optional[float]]) -> List[float]:
@@ -57,7 +59,7 @@ class CClipMerge(GroupMergeMethod):
         missing = [model for model in ids if overrides[model] is None]
         provided: Dict[Hashable, float] = {}
         if missing and self.norm_provider is None:
-            raise ValueError(
+            raise RecipeError(
                 f"cclip: no task-vector norm for model {missing[0]!r}: pass the per-model parameter "
                 "`norm` (fedmerge_plugins.norms.streaming.state_dict_norms computes it from state dicts)"
             )

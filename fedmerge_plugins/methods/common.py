@@ -18,6 +18,7 @@ import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, TensorGroup
 
 from fedmerge_plugins.errors import NonFiniteError
+from fedmerge_plugins.numerics import compute_dtype
 
 ARXIV = "https://arxiv.org/abs/2411.18607"
 BASE_REQUIRED = InputContract(base=BasePolicy.REQUIRED)
@@ -25,10 +26,6 @@ BLOCK = 1 << 18  # elements per block on the CPU: 1 MiB per float32 buffer
 
 # merge_block(θ_0 block in the compute dtype, θ_t blocks as stored, scratch buffers) -> merged block
 BlockRule = Callable[[torch.Tensor, List[torch.Tensor], List[torch.Tensor]], torch.Tensor]
-
-
-def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def blockwise(group: TensorGroup, method: str, buffers: int, merge_block: BlockRule) -> torch.Tensor:
@@ -41,7 +38,7 @@ def blockwise(group: TensorGroup, method: str, buffers: int, merge_block: BlockR
     Off the CPU there is one block: the whole tensor.
     """
     base = group.base.tensor
-    dtype = compute_dtype(base)
+    dtype = compute_dtype(base.dtype)
     flat_base = base.reshape(-1)
     models = [entry.tensor.reshape(-1) for entry in group.non_base]
     out = torch.empty(base.shape, dtype=base.dtype, device=base.device)

@@ -8,7 +8,7 @@ import torch
 from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, TensorGroup
 
 from fedmerge_plugins.methods.common import ARXIV, BASE_REQUIRED, blockwise, task_vector
-from fedmerge_plugins.methods.params import LAMBDA, AgreementRho, shared
+from fedmerge_plugins.methods.params import LAMBDA, AgreementRho, recipe_required
 
 
 def full_agreement_count(rho: float, count: int) -> int:
@@ -25,7 +25,10 @@ class FedGMAMerge(GroupMergeMethod):
         pretty_name="FedGMA",
         reference_url=ARXIV,
         contract=BASE_REQUIRED,
-        parameters=(LAMBDA, shared("rho", AgreementRho, doc="agreement threshold ρ in [0, 1]")),
+        parameters=(
+            LAMBDA,
+            recipe_required("rho", AgreementRho, 0.0, doc="agreement threshold ρ in [0, 1] (recipes must give it; 0: task arithmetic)"),
+        ),
     )
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:

@@ -44,9 +44,11 @@ class FedNovaMerge(GroupMergeMethod):
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         """θ_0 + λ · (1/T Σ_s ‖a_s‖₁) · Σ_t τ_t / ‖a_t‖₁, ‖a_t‖₁ = Σ_k η_t^(k) (eq. 11)."""
-        effective = [
-            effective_steps({key: parameters[key][entry.id] for key in RECORD_KEYS}).value for entry in group.non_base
-        ]
+        records = [{key: parameters[key][entry.id] for key in RECORD_KEYS} for entry in group.non_base]
+        if all(value is None for record in records for value in record.values()):
+            # no record at all (mergekit's API only; recipes give one): equal training
+            return weighted_task_sum(group, [1.0] * len(records), parameters["lambda"], "fednova")
+        effective = [effective_steps(record).value for record in records]
         return weighted_task_sum(group, fednova_coefficients(effective), parameters["lambda"], "fednova")
 
 

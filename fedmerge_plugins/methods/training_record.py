@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fedmerge_plugins.errors import FedmergeError
+from fedmerge_plugins.store import FileIdentity, file_identity
 
 SCHEDULES: Tuple[str, ...] = (
     "constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup",
@@ -45,7 +46,7 @@ METRIC_DRIVEN = ("reduce_lr_on_plateau", "greedy")  # rates follow metrics: not 
 RATE_TOLERANCE = 1e-9  # relative: a logged rate and the schedule's agree within it
 
 
-class TrainingRecordError(FedmergeError, ValueError):
+class TrainingRecordError(FedmergeError):
     """A training record that cannot be used; one line naming the key or file."""
 
 
@@ -169,9 +170,8 @@ def state_file(path: Path) -> Path:
 
 
 def read_run(path: Path) -> LoggedRun:
-    file = state_file(Path(path))
-    stat = file.stat()
-    return _read_run(file.resolve(), stat.st_mtime_ns, stat.st_size)
+    file = state_file(Path(path)).resolve()
+    return _read_run(file, file_identity(str(file)))
 
 
 def _integer(data: Mapping[str, Any], key: str, file: Path) -> int:
@@ -182,7 +182,8 @@ def _integer(data: Mapping[str, Any], key: str, file: Path) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _read_run(file: Path, mtime_ns: int, size: int) -> LoggedRun:
+def _read_run(file: Path, identity: FileIdentity) -> LoggedRun:
+    """The run logged in ``file``, read again whenever its ``identity`` changes."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -190,15 +191,21 @@ def _read_run(file: Path, mtime_ns: int, size: int) -> LoggedRun:
     if not isinstance(data, dict) or not isinstance(data.get("log_history"), list):
         raise TrainingRecordError(f"{file}: no `log_history` list: not a Trainer's {STATE_FILE}")
     steps, max_steps = _integer(data, "global_step", file), _integer(data, "max_steps", file)
-    if steps == 0 or steps > max_steps:
-        raise TrainingRecordError(f"{file}: global_step {steps} with max_steps {max_steps}: no training recorded")
+    if steps == 0:
+        raise TrainingRecordError(f"{file}: global_step 0: no training recorded")
+    if steps > max_steps:
+        raise TrainingRecordError(
+            f"{file}: global_step {steps} is beyond max_steps {max_steps}, the length of the schedule it trained "
+            "with: not one consistent Trainer record (max_steps edited, or the state of another run?)"
+        )
     rates: List[Tuple[int, float]] = []
     first = ""
     for entry in data["log_history"]:
         if not isinstance(entry, dict) or "learning_rate" not in entry:
             continue  # evaluation and summary entries
         step, rate = entry.get("step"), entry["learning_rate"]
-        if not isinstance(step, int) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+        numbers = isinstance(step, int) and isinstance(rate, (int, float)) and not isinstance(step, bool) and not isinstance(rate, bool)
+        if not numbers or not math.isfinite(rate) or rate < 0:
             raise TrainingRecordError(f"{file}: log entry {entry!r} has no valid `step` and `learning_rate`")
         if not 0 < step <= steps or (rates and step <= rates[-1][0]):
             raise TrainingRecordError(
@@ -235,6 +242,8 @@ def _args_schedule(path: Path, length: int) -> Tuple[Optional[Schedule], str]:
         return None, f"{path.name}: {name} follows the metrics, the log is used"
     kwargs = args.get("lr_scheduler_kwargs") or {}
     try:
+        if any(isinstance(args.get(key), bool) for key in ("learning_rate", "warmup_steps", "warmup_ratio")):
+            raise TypeError("true/false where a number belongs")
         kwargs = json.loads(kwargs) if isinstance(kwargs, str) else dict(kwargs)
         peak = float(args["learning_rate"])
         warmup_steps = float(args.get("warmup_steps") or 0)
@@ -327,9 +336,7 @@ def split_logs(logs: str) -> List[str]:
 
 def _stat(path: Path) -> Tuple[Any, ...]:
     try:
-        file = state_file(path)
-        stat = file.stat()
-        return (str(file), stat.st_mtime_ns, stat.st_size)
+        return file_identity(str(state_file(path).resolve()))
     except (TrainingRecordError, OSError):
         return (str(path), None)  # resolved (and reported) by _effective_steps
 

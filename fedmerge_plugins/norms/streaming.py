@@ -33,8 +33,10 @@ from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 from tqdm.auto import tqdm
 
-from fedmerge_plugins.errors import NonFiniteError
-from fedmerge_plugins.norms.cache import CACHE, NormCache, cache_keys
+from fedmerge_plugins.errors import InputError, NonFiniteError, RecipeError
+from fedmerge_plugins.norms import cache as norm_cache
+from fedmerge_plugins.norms.cache import NormCache, cache_keys
+from fedmerge_plugins.numerics import compute_dtype
 
 LOG = logging.getLogger(__name__)
 _PASS_LOCK = threading.Lock()  # mergekit may run tasks in threads: one norm pass at a time
@@ -54,18 +56,13 @@ def shared_rows(name: str, base: torch.Tensor, model: torch.Tensor, model_label:
         return base, model
     differing = [axis for axis, (b, m) in enumerate(zip(base.shape, model.shape)) if b != m]
     if base.ndim != model.ndim or len(differing) != 1:
-        raise ValueError(
+        raise InputError(
             f"tensor {name}: model {model_label} has shape {tuple(model.shape)}, "
             f"the base {tuple(base.shape)}; they cannot be merged"
         )
     axis = differing[0]
     rows = min(base.shape[axis], model.shape[axis])
     return base.narrow(axis, 0, rows), model.narrow(axis, 0, rows)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype norms are summed in: float64 for a float64 base, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def squared_distance(name: str, base: torch.Tensor, model: torch.Tensor, model_label: str) -> float:
@@ -98,7 +95,7 @@ class NormSums:
     def norms(self) -> List[float]:
         for label, count in zip(self.labels, self.tensors):
             if count == 0:
-                raise ValueError(f"model {label} shares no floating-point tensor name with the base model")
+                raise InputError(f"model {label} shares no floating-point tensor name with the base model")
         return [math.sqrt(total) for total in self.squares]
 
 
@@ -164,10 +161,12 @@ def resolve_norms(
     base: ShardedTensorIndex,
     models: Sequence[ShardedTensorIndex],
     compute: Callable[[List[int]], List[float]],
-    cache: NormCache = CACHE,
+    cache: Optional[NormCache] = None,
 ) -> Tuple[List[float], List[bool]]:
     """(norms, cached flags): cached norms looked up in one read of the cache, the others
-    computed by ``compute(missing model positions)`` and stored together in one write."""
+    computed by ``compute(missing model positions)`` and stored together in one write;
+    ``cache``: the process's norm cache (``norm_cache.CACHE``) unless given."""
+    cache = norm_cache.CACHE if cache is None else cache
     keys = cache_keys(base, models)
     known = cache.lookup(keys)
     missing = [t for t, key in enumerate(keys) if key not in known and key not in keys[:t]]
@@ -186,10 +185,10 @@ def loader_norms(
     *,
     labels: Sequence[str],
     device: torch.device | str = "cpu",
-    cache: NormCache = CACHE,
+    cache: Optional[NormCache] = None,
 ) -> List[float]:
     """The global norms of ``models`` against ``base``, through loaders the caller holds
-    (fresh ones from ``checkpoint_norms``, or a sweep's in-memory copies): the same cache
+    (fresh ones from ``reference_norms``, or a sweep's in-memory copies): the same cache
     keys and the same streaming sums, hence the same numbers."""
 
     def compute(missing: List[int]) -> List[float]:
@@ -203,19 +202,6 @@ def loader_norms(
             "fedmerge: task-vector norm of %s = %.6g (%s)", label, norm, "cached" if was_cached else "computed",
         )
     return norms
-
-
-def checkpoint_norms(
-    base: ShardedTensorIndex,
-    models: Sequence[ShardedTensorIndex],
-    *,
-    labels: Sequence[str],
-    device: torch.device | str = "cpu",
-    cache: NormCache = CACHE,
-) -> List[float]:
-    """``loader_norms`` over the checkpoints on disk (their files are closed afterwards)."""
-    with checkpoint_loaders([base, *models]) as loaders:
-        return loader_norms(loaders[0], loaders[1:], labels=labels, device=device, cache=cache)
 
 
 @contextlib.contextmanager
@@ -237,19 +223,18 @@ def model_index(model: ModelReference) -> ShardedTensorIndex:
 
 
 def reference_norms(
-    base: Hashable, models: Sequence[Hashable], device: torch.device | str = "cpu", cache: NormCache = CACHE
+    base: Hashable, models: Sequence[Hashable], device: torch.device | str = "cpu", cache: Optional[NormCache] = None
 ) -> List[float]:
     """Norms of task models given as mergekit ``ModelReference``s: cclip's default norm
     provider inside mergekit merges, and ``fedmerge inspect``'s and the sweep's from disk."""
     for model in models:
         if not isinstance(base, ModelReference) or not isinstance(model, ModelReference):
-            raise ValueError(
+            raise RecipeError(
                 f"cclip: no task-vector norm for model {model!r}: outside a mergekit recipe pass the "
                 "per-model parameter `norm` (fedmerge_plugins.norms.streaming.state_dict_norms computes it)"
             )
-    return checkpoint_norms(
-        model_index(base), [model_index(m) for m in models], labels=[str(m) for m in models], device=device, cache=cache
-    )
+    with checkpoint_loaders([model_index(base), *(model_index(m) for m in models)]) as loaders:
+        return loader_norms(loaders[0], loaders[1:], labels=[str(m) for m in models], device=device, cache=cache)
 
 
 def state_dict_norms(

@@ -27,14 +27,18 @@ they apply. Logs of ``fedmerge sweep`` written before ``kind`` existed read unch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from fedmerge_plugins.errors import FedmergeError
+from fedmerge_plugins.errors import FedmergeError, PathError
+from fedmerge_plugins.errors import reason
+from fedmerge_plugins.files import user_path
 
 if TYPE_CHECKING:
     from fedmerge_plugins.search.workers import WorkerSettings
@@ -43,7 +47,7 @@ Scores = Dict[str, float]
 SWEPT = ("lambda", "rho")  # the searched parameters, outermost first
 
 
-class SearchError(FedmergeError, ValueError):
+class SearchError(FedmergeError):
     """A search that cannot go on: a damaged or foreign log, nothing scored."""
 
 
@@ -158,50 +162,96 @@ def best_index(selections: Sequence[float]) -> int:
     """Index of the highest selection score; ties go to the earliest."""
     best = 0
     for index, value in enumerate(selections):
-        if value > selections[best]:
-            best = index
+        if value > selections[best] or (math.isnan(selections[best]) and not math.isnan(value)):
+            best = index  # a NaN never wins
     return best
 
 
 class ResultLog:
     """Append-only JSONL records; a torn last line is dropped on open. With a
-    ``fingerprint``, every record must carry it (a log of another run is refused).
-    ``path=None`` keeps the records in memory only."""
+    ``fingerprint``, every record must carry it (a log of another run is refused); with
+    ``kinds``, every record must be of one of them. ``path=None`` keeps the records in
+    memory only.
 
-    def __init__(self, path: Optional[Path], fingerprint: Optional[str] = None, *, hint: str = "use another output directory or delete the file") -> None:
+    The file is read strictly: a line that is not a JSON object, a point record of the wrong
+    shape (no string ``key``, a ``selection`` that is not a finite number, scores that are
+    not numbers) and the same point recorded twice with different scores are refused,
+    named by file and line; nothing is guessed."""
+
+    def __init__(self, path: Optional[Path], fingerprint: Optional[str] = None, *, hint: str = "use another output directory or delete the file",
+                 kinds: Optional[Sequence[str]] = None) -> None:
         self.path = None if path is None else Path(path)
         self.fingerprint = fingerprint
+        self.kinds = tuple(kinds) if kinds is not None else None
         self.records: List[Dict[str, Any]] = []
-        if self.path is not None and self.path.exists():
-            self._load(hint)
+        if self.path is not None:
+            with user_path(self.path, "read"):
+                exists = self.path.exists()
+            if exists:
+                self._load(hint)
 
     def _load(self, hint: str) -> None:
         assert self.path is not None
-        data = self.path.read_bytes()
+        with user_path(self.path, "read"):
+            data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):  # a write cut short by a kill
             data = data[: data.rfind(b"\n") + 1]
-            with open(self.path, "r+b") as handle:
-                handle.truncate(len(data))
-        for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
-            if not line.strip():
+            with user_path(self.path, "drop the torn last line of"):
+                with open(self.path, "r+b") as handle:
+                    handle.truncate(len(data))
+        seen: Dict[Tuple[Optional[str], str], Tuple[int, Dict[str, Any]]] = {}
+        for number, raw in enumerate(data.split(b"\n"), 1):
+            if not raw.strip():
                 continue
+            where = f"{self.path}, line {number}"
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise SearchError(f"{where}: not UTF-8 text; the file is damaged: fix or remove it") from None
             except ValueError:
-                raise SearchError(f"{self.path}, line {number}: not a JSON record; the file is damaged: fix or remove it") from None
+                raise SearchError(f"{where}: not a JSON record; the file is damaged: fix or remove it") from None
+            if not isinstance(record, dict):
+                raise SearchError(f"{where}: a JSON {type(record).__name__}, not a record (an object); fix or remove the line")
+            kind = record.get("kind", "point")
+            if self.kinds is not None and kind not in self.kinds:
+                raise SearchError(f"{where}: a record of kind {kind!r}, not a {'/'.join(self.kinds)} record of this log; {hint}")
             if self.fingerprint is not None and record.get("fingerprint") != self.fingerprint:
                 raise SearchError(f"{self.path} holds results of another recipe or evaluator (line {number}); {hint}")
+            if kind == "point":
+                problem = point_problem(record)
+                if problem:
+                    raise SearchError(f"{where}: {problem}; fix or remove the line")
+                identity = (record.get("group"), record["key"])
+                if identity in seen:
+                    first, earlier = seen[identity]
+                    if (earlier["scores"], earlier["selection"]) != (record["scores"], record["selection"]):
+                        raise SearchError(f"{where}: point {record['key']} is already scored differently on line {first}; "
+                                          "remove one of the lines")
+                    continue  # the same result twice: keep one
+                seen[identity] = (number, record)
             self.records.append(record)
 
     def append(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """Add ``record``, on disk flushed and fsynced. A write that fails (a full or
+        read-only disk) leaves the file as it was and raises a ``PathError`` naming it."""
         if self.fingerprint is not None:
             record = {**record, "fingerprint": self.fingerprint}
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+            line = (json.dumps(record) + "\n").encode("utf-8")
+            size = None
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "ab") as handle:
+                    size = handle.tell()
+                    handle.write(line)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            except OSError as error:
+                if size is not None:
+                    with contextlib.suppress(OSError):
+                        os.truncate(self.path, size)  # no torn line left behind
+                kept = sum(1 for r in self.records if r.get("kind", "point") == "point")
+                raise PathError(f"cannot write {self.path}: {reason(error)} ({kept} result(s) recorded before are kept)") from error
         self.records.append(record)
         return record
 
@@ -210,6 +260,26 @@ class ResultLog:
         return {
             r["key"]: r for r in self.records if r.get("kind", "point") == "point" and r.get("group") == group
         }
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def point_problem(record: Mapping[str, Any]) -> Optional[str]:
+    """What is wrong with the shape of a point record, or None."""
+    key, parameters, scores, selection = (record.get(name) for name in ("key", "parameters", "scores", "selection"))
+    if not isinstance(key, str):
+        return "a point record without a string `key`"
+    if not isinstance(parameters, dict) or not all(_number(v) for v in parameters.values()):
+        return f"point {key}: `parameters` is not a mapping of numbers"
+    if json.dumps(parameters, sort_keys=True) != key:
+        return f"point {key}: its `key` does not match its `parameters` {json.dumps(parameters, sort_keys=True)}"
+    if not isinstance(scores, dict) or not all(_number(v) for v in scores.values()):
+        return f"point {key}: `scores` is not a mapping of numbers"
+    if not _number(selection) or not math.isfinite(selection):
+        return f"point {key}: `selection` is {json.dumps(selection)}, not a finite number"
+    return None
 
 
 Evaluate = Callable[[Point], Evaluation]

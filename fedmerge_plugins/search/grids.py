@@ -11,8 +11,11 @@ last point is the stop value itself, not 1.9999999999999998.
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
+
+from fedmerge_plugins.errors import FedmergeError
 
 Range = Tuple[float, float, float]  # start, stop (included), step
 
@@ -20,16 +23,30 @@ CLIP_LAMBDAS: Range = (0.05, 2.0, 0.05)
 LLM_LAMBDAS: Range = (0.2, 1.0, 0.2)
 FEDGMA_RHOS: Range = (0.1, 1.0, 0.1)
 CCLIP_RHO_COUNT = 5
+MAX_POINTS = 10_000  # a grid larger than this is refused unless a larger limit is given
 
 
-def arange_inclusive(start: float, stop: float, step: float) -> List[float]:
-    """start, start + step, …, up to stop (included when the steps land on it)."""
+class GridError(FedmergeError):
+    """A grid that cannot be built: a zero or reversed step, values out of range, too many points."""
+
+
+def check_size(count: int, limit: Optional[int], what: str = "the grid") -> None:
+    """Refuse ``count`` points beyond ``limit`` (None: no limit)."""
+    if limit is not None and count > limit:
+        raise GridError(f"{what} has {count:,} points, more than the limit of {limit:,}; narrow it, or raise the limit (--max-points)")
+
+
+def arange_inclusive(start: float, stop: float, step: float, limit: Optional[int] = None) -> List[float]:
+    """start, start + step, …, up to stop (included when the steps land on it); at most
+    ``limit`` values."""
+    check_finite((start, stop, step))
     first, last, increment = (Decimal(repr(float(v))) for v in (start, stop, step))
     if increment <= 0:
-        raise ValueError(f"grid step must be > 0; got {step!r}")
+        raise GridError(f"grid step must be > 0; got {step!r}")
     if last < first:
-        raise ValueError(f"grid stop {stop!r} is below its start {start!r}")
+        raise GridError(f"grid stop {stop!r} is below its start {start!r} (a step goes upwards: START:STOP:STEP)")
     count = int((last - first) / increment) + 1
+    check_size(count, limit, f"the grid {start!r}:{stop!r}:{step!r}")
     return [float(first + i * increment) for i in range(count)]
 
 
@@ -42,7 +59,7 @@ def fedgma_rho_grid(start: float = FEDGMA_RHOS[0], stop: float = FEDGMA_RHOS[1],
     """FedGMA sign-agreement thresholds ρ; the default is the paper's 0.1…1.0 (10 values)."""
     values = arange_inclusive(start, stop, step)
     if values[0] < 0 or values[-1] > 1:
-        raise ValueError(f"FedGMA ρ must lie in [0, 1]; got the grid {values}")
+        raise GridError(f"FedGMA ρ must lie in [0, 1]; got the grid {values}")
     return values
 
 
@@ -54,9 +71,9 @@ def clip_rho_grid(norms: Sequence[float], count: int = CCLIP_RHO_COUNT) -> List[
     CCLIP needs ρ > 0.
     """
     if not norms:
-        raise ValueError("clip_rho_grid needs at least one task-vector norm")
+        raise GridError("clip_rho_grid needs at least one task-vector norm")
     if count < 1:
-        raise ValueError(f"clip_rho_grid: count must be >= 1; got {count}")
+        raise GridError(f"clip_rho_grid: count must be >= 1; got {count}")
     low, high = float(min(norms)), float(max(norms))
     values: List[float] = []
     for i in range(count):
@@ -64,22 +81,36 @@ def clip_rho_grid(norms: Sequence[float], count: int = CCLIP_RHO_COUNT) -> List[
         if value > 0 and value not in values:
             values.append(value)
     if not values:
-        raise ValueError(f"clip_rho_grid: every task-vector norm is 0 ({list(norms)}); CCLIP needs ρ > 0")
+        raise GridError(f"clip_rho_grid: every task-vector norm is 0 ({list(norms)}); CCLIP needs ρ > 0")
     return values
 
 
-def parse_grid(text: str) -> List[float]:
-    """A grid from the command line: ``0.1,0.5,1`` (a list) or ``0.05:2.0:0.05`` (start:stop:step)."""
+def check_finite(values: Sequence[float], texts: Optional[Sequence[str]] = None) -> None:
+    """Refuse an infinite or NaN value (``1e309`` reads as inf), named as written."""
+    for value, text in zip(values, texts or [repr(v) for v in values]):
+        if math.isinf(value):
+            raise GridError(f"grid value {text.strip()!r} is beyond the float range")
+        if math.isnan(value):
+            raise GridError(f"grid value {text.strip()!r} is not a number")
+
+
+def parse_grid(text: str, limit: Optional[int] = MAX_POINTS) -> List[float]:
+    """A grid from the command line: ``0.1,0.5,1`` (a list) or ``0.05:2.0:0.05``
+    (start:stop:step); at most ``limit`` values (None: any number)."""
     text = text.strip()
+    if not text:
+        raise GridError("the grid is empty: give `a,b,c` or `start:stop:step`")
+    parts = text.split(":") if ":" in text else [p for p in text.split(",") if p.strip()]
     try:
-        if ":" in text:
-            parts = [float(p) for p in text.split(":")]
-            if len(parts) != 3:
-                raise ValueError
-            return arange_inclusive(*parts)
-        values = [float(p) for p in text.split(",") if p.strip()]
+        values = [float(p) for p in parts]
     except ValueError:
-        raise ValueError(f"cannot read the grid {text!r}: give `a,b,c` or `start:stop:step`") from None
+        raise GridError(f"cannot read the grid {text!r}: give `a,b,c` or `start:stop:step`") from None
+    check_finite(values, parts)
+    if ":" in text:
+        if len(values) != 3:
+            raise GridError(f"cannot read the grid {text!r}: give `start:stop:step`, three numbers")
+        return arange_inclusive(*values, limit=limit)
     if not values:
-        raise ValueError(f"the grid {text!r} is empty")
+        raise GridError(f"the grid {text!r} is empty")
+    check_size(len(values), limit, f"the grid {text!r}")
     return values

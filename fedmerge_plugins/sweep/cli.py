@@ -7,23 +7,25 @@ from typing import Optional, Tuple
 
 import click
 
-from fedmerge_plugins.cli import worker_options
+from fedmerge_plugins.cli import ExistingPath, error_boundary, worker_options
 from fedmerge_plugins.evaluation.cli import backend_options
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[int]:
     if value is None:
         return None
+    from fedmerge_plugins.sweep.errors import SweepError
     from fedmerge_plugins.sweep.memory import parse_size
 
     try:
         return parse_size(value)
-    except ValueError as error:
+    except SweepError as error:
         raise click.BadParameter(str(error)) from None
 
 
+@error_boundary
 @click.command("sweep")
-@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("recipe", type=ExistingPath(dir_okay=False, path_type=Path))
 @click.option("--lambda", "lambdas", metavar="GRID", help="λ values: START:STOP:STEP (stop included) or a comma list, e.g. 0.2:1.0:0.2.")
 @click.option("--rho", "rhos", metavar="GRID", help="ρ values, as --lambda; 'paper' for the paper's grid (cclip: 5 values from min to max norm; fedgma: 0.1 … 1.0).")
 @click.option("--eval", "eval_spec", required=True, metavar="EVALUATOR",
@@ -44,7 +46,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
 @click.option("--clip-base", default=None, help="CLIP: base CLIPModel (text encoder, heads, processor) [default: openai/clip-vit-base-patch32].")
 @click.option("--finetuned", multiple=True, metavar="TASK=SRC", help="CLIP: fine-tuned vision tower of a task, for normalized accuracy (repeatable).")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="CLIP: folder with one fine-tuned tower per task (<dir>/<task>).")
-@click.option("--reference-scores", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+@click.option("--reference-scores", type=ExistingPath(dir_okay=False, path_type=Path), default=None,
               help="JSON {task: score} of the fine-tuned models: select by mean normalized score (score / reference).")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep-out"), show_default=True,
               help="Directory for results.jsonl, winner.yml and the merges in progress.")
@@ -53,6 +55,8 @@ def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
 @click.option("--max-memory", callback=_size, default=None, metavar="SIZE", help="Memory the sweep may plan with (e.g. 24GB); default: what is available.")
 @click.option("--device", default="cpu", show_default=True, help="Device for merging and evaluation (a winner merged on cuda is reproduced by mergekit-yaml --cuda).")
 @click.option("--keep-merges", is_flag=True, help="Keep every point's merged model in OUT/merges/.")
+@click.option("--max-points", type=click.IntRange(1), default=None, metavar="N",
+              help="Refuse a grid of more than N points [default: 10,000].")
 @worker_options
 @click.option("-v", "--verbose", is_flag=True, help="Show the traceback of an error.")
 def sweep_command(
@@ -83,6 +87,7 @@ def sweep_command(
     max_memory: Optional[int],
     device: str,
     keep_merges: bool,
+    max_points: Optional[int],
     workers: int,
     ray_address: Optional[str],
     gpus_per_worker: Optional[float],
@@ -92,15 +97,16 @@ def sweep_command(
 
     Results go to OUT/results.jsonl one line per point, as they come; run the same command
     again to resume. The winner is written as OUT/winner.yml, a recipe mergekit-yaml
-    merges to the very same weights.
+    merges to the very same weights. One sweep at a time may use OUT: a second one is
+    refused while the first runs.
     """
-    from fedmerge_plugins.cli import one_line_errors, worker_settings
+    from fedmerge_plugins.cli import worker_settings
 
     settings = worker_settings(workers, ray_address, gpus_per_worker)
-    with one_line_errors(verbose):
-        settings.check()  # Ray missing: one line, before torch or mergekit is even imported
+    settings.check()  # Ray missing: one line, before torch or mergekit is even imported
     from fedmerge_plugins.clip.sources import SourceError
-    from fedmerge_plugins.evaluation.cli import backend_from_options
+    from fedmerge_plugins.evaluation.cli import announce_sandbox, backend_from_options
+    from fedmerge_plugins.files import folder_lock
     from fedmerge_plugins.sweep.evaluators import load_reference, make_evaluator
     from fedmerge_plugins.sweep.run import run_sweep
 
@@ -122,12 +128,14 @@ def sweep_command(
         options = dict(data_dir=data_dir, base=clip_base, finetuned=finetuned, models_dir=models_dir, split=split, device=device)
     if batch_size is not None and options:
         options["batch_size"] = batch_size
-    with one_line_errors(verbose):
-        try:
-            evaluator = make_evaluator(eval_spec, tasks=task_list, **options)
-        except SourceError as error:
-            hint = "--models-dir" if error.field == "models_dir" else "--finetuned"
-            raise click.BadParameter(str(error), param_hint=hint) from None
+    try:
+        evaluator = make_evaluator(eval_spec, tasks=task_list, **options)
+    except SourceError as error:
+        hint = "--models-dir" if error.field == "models_dir" else "--finetuned"
+        raise click.BadParameter(str(error), param_hint=hint) from None
+    if eval_spec == "lm-eval":
+        announce_sandbox(evaluator.tasks, allow_code_execution)
+    with folder_lock(out, "fedmerge sweep"):
         run_sweep(
             recipe,
             out,
@@ -140,4 +148,5 @@ def sweep_command(
             device=device,
             keep_merges=keep_merges,
             workers=settings,
+            max_points=max_points,
         )

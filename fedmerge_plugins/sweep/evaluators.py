@@ -18,9 +18,11 @@ import importlib
 import importlib.util
 import json
 import math
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence
 
+from fedmerge_plugins.errors import FedmergeError
 from fedmerge_plugins.sweep.errors import SweepError
 
 Scores = Dict[str, float]
@@ -75,15 +77,36 @@ class PythonEvaluator:
                 module_spec.loader.exec_module(module)
             else:
                 module = importlib.import_module(target)
-            function = getattr(module, name)
-        except (ImportError, AttributeError, OSError) as error:
+        except (ImportError, OSError) as error:
             raise SweepError(f"--eval {spec!r}: {error}") from None
+        except Exception as error:  # the evaluator's own code failed on import: a syntax error, an exception
+            raise SweepError(f"--eval {spec!r}: importing it raised {raised(error)}") from error
+        function = getattr(module, name, None)
+        if function is None:
+            raise SweepError(f"--eval {spec!r}: module {target} has no attribute {name!r}")
         if not callable(function):
             raise SweepError(f"--eval {spec!r}: {name} is not callable")
         return function
 
     def evaluate(self, model_dir: Path) -> Scores:
-        return _as_scores(self.function(str(model_dir)), self.description)
+        try:
+            value = self.function(str(model_dir))
+        except Exception as error:  # the evaluator's own failure: named, the traceback under -v
+            raise SweepError(f"evaluator {self.description} raised {raised(error)}") from error
+        return _as_scores(value, self.description)
+
+
+def raised(error: BaseException) -> str:
+    """``TYPE: message (FILE, line N)`` of an exception raised by a user's evaluator code:
+    the innermost frame, or a syntax error's own place."""
+    where = ""
+    if isinstance(error, SyntaxError) and error.filename:
+        where = f" ({error.filename}, line {error.lineno})"
+    elif error.__traceback__ is not None:
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        where = f" ({frame.filename}, line {frame.lineno})"
+    message = error.msg if isinstance(error, SyntaxError) else str(error)
+    return f"{type(error).__name__}: {message}{where}" if message else f"{type(error).__name__}{where}"
 
 
 class LmEvalEvaluator:
@@ -106,7 +129,7 @@ class LmEvalEvaluator:
             check_request(self.tasks, **checked)
         except BackendError as error:
             raise SweepError(f"--eval lm-eval: {error}") from None
-        except (ValueError, FileNotFoundError) as error:
+        except FedmergeError as error:  # a task, split, data file or sandbox the request cannot have
             raise SweepError(f"--eval lm-eval: {error}") from None
         shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(options.items()) if k not in ("device", "backend")}
         # the backend generates differently (hf and vllm differ in numerics); its parallelism does not count
@@ -166,7 +189,7 @@ class ClipEvaluator:
             self._session = Session(progress=False, **self.session_options)
         try:
             result = evaluate_tower(self._session, str(model_dir), self.tasks, self.finetuned, self.split)
-        except ValueError as error:
+        except FedmergeError as error:
             raise SweepError(f"CLIP evaluation of {model_dir}: {error}") from None
         return _as_scores({task: row["normalized_accuracy"] for task, row in result.items()}, "clip")
 
@@ -192,7 +215,7 @@ def load_reference(path: Optional[Path]) -> Optional[Scores]:
         return None
     try:
         return read_reference(path)
-    except ValueError as error:
+    except FedmergeError as error:  # unreadable, not JSON, or a score that cannot normalize
         raise SweepError(f"--reference-scores {error}") from None
 
 

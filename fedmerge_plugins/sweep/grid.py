@@ -9,7 +9,7 @@ exactly what ``mergekit-yaml`` reads from the winning recipe file.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from fedmerge_plugins.search.engine import Point, expand, recipe_yaml, winner_recipe
 from fedmerge_plugins.sweep.errors import SweepError
@@ -17,13 +17,14 @@ from fedmerge_plugins.sweep.errors import SweepError
 __all__ = ["check_sweepable", "expand", "parse_values", "point_config"]
 
 
-def parse_values(text: str, option: str) -> List[float]:
-    """Values of a grid option: ``START:STOP:STEP`` (stop included) or a comma list."""
-    from fedmerge_plugins.search.grids import parse_grid
+def parse_values(text: str, option: str, limit: Optional[int] = None) -> List[float]:
+    """Values of a grid option: ``START:STOP:STEP`` (stop included) or a comma list; at
+    most ``limit`` of them (None: ``grids.MAX_POINTS``)."""
+    from fedmerge_plugins.search.grids import MAX_POINTS, GridError, parse_grid
 
     try:
-        values = parse_grid(text)
-    except ValueError as error:
+        values = parse_grid(text, MAX_POINTS if limit is None else limit)
+    except GridError as error:
         raise SweepError(f"{option}: {error}") from None
     if len(set(values)) != len(values):
         raise SweepError(f"{option}: {text!r} repeats a value")

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+from fedmerge_plugins.sweep.errors import SweepError
+
 HEADROOM = 0.9  # share of the available memory the sweep may plan to use
 UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -21,9 +23,12 @@ UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB"
 def parse_size(text: str) -> int:
     """'24GB', '512MiB', '1e9' -> bytes."""
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in UNITS:
-        raise ValueError(f"not a memory size: {text!r} (e.g. 24GB, 512MiB)")
-    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+    try:
+        if not match or match.group(2).upper() not in UNITS:
+            raise ValueError
+        return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+    except (ValueError, OverflowError):
+        raise SweepError(f"not a memory size: {text!r} (e.g. 24GB, 512MiB)") from None
 
 
 def human(size: float) -> str:
@@ -46,7 +51,7 @@ def available_memory() -> int:
         for line in handle:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot tell the available memory: install psutil or pass --max-memory")
+    raise SweepError("cannot tell the available memory: install psutil or pass --max-memory")
 
 
 def weight_bytes(index) -> int:

@@ -8,18 +8,16 @@ into the file.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Dict, List, Optional, Sequence
 
 from fedmerge_plugins.search.engine import Point
+from fedmerge_plugins.store import digest
 
 
 def fingerprint(recipe: Dict[str, Any], swept: Sequence[str], evaluator: str, reference: Optional[Dict[str, float]]) -> str:
     fixed = dict(recipe)
     fixed["parameters"] = {k: v for k, v in (recipe.get("parameters") or {}).items() if k not in swept}
-    payload = json.dumps([fixed, sorted(swept), evaluator, reference], sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return digest(fixed, sorted(swept), evaluator, reference, length=16)
 
 
 def results_table(points: Sequence[Point], records: Dict[str, dict], best_key: Optional[str] = None) -> str:

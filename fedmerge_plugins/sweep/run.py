@@ -18,6 +18,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 import click
 
+from fedmerge_plugins.errors import FedmergeError
+from fedmerge_plugins.errors import reason
+from fedmerge_plugins.files import user_path, write_output, write_refused
 from fedmerge_plugins.search.engine import Evaluation, Point, ResultLog, SearchOutcome, expand, recipe_yaml, run_search, winner_recipe
 from fedmerge_plugins.sweep.errors import SweepError
 from fedmerge_plugins.sweep.evaluators import Evaluator, selection_score
@@ -66,9 +69,10 @@ class SweepPlan:
         return expand(axes)
 
 
-def plan_sweep(recipe: Path, lambdas: Optional[str], rhos: Optional[str]) -> SweepPlan:
-    """The request checked from the recipe text alone (no checkpoint is opened)."""
-    from fedmerge_plugins.search.grids import fedgma_rho_grid
+def plan_sweep(recipe: Path, lambdas: Optional[str], rhos: Optional[str], max_points: Optional[int] = None) -> SweepPlan:
+    """The request checked from the recipe text alone (no checkpoint is opened); a grid of
+    more than ``max_points`` points (None: ``grids.MAX_POINTS``) is refused."""
+    from fedmerge_plugins.search.grids import MAX_POINTS, GridError, check_size, fedgma_rho_grid
     from fedmerge_plugins.guards.recipe import load_recipe
 
     data, config = load_recipe(recipe, shapes=False)  # shapes: per point, once --out is checked
@@ -80,18 +84,23 @@ def plan_sweep(recipe: Path, lambdas: Optional[str], rhos: Optional[str]) -> Swe
     if rhos == "paper" and method not in ("cclip", "fedgma"):
         raise SweepError(f"--rho paper: the paper's ρ grid is defined for cclip and fedgma, not {method}")
     paper_clip = rhos == "paper" and method == "cclip"  # ρ from the norms, known later
-    axes: Dict[str, Optional[List[float]]] = {"lambda": parse_values(lambdas, "--lambda") if lambdas else None}
+    limit = MAX_POINTS if max_points is None else max_points
+    axes: Dict[str, Optional[List[float]]] = {"lambda": parse_values(lambdas, "--lambda", limit) if lambdas is not None else None}
     if rhos == "paper":
         axes["rho"] = [1.0] if paper_clip else fedgma_rho_grid()  # 1.0: a stand-in for the checks
-    elif rhos:
-        axes["rho"] = parse_values(rhos, "--rho")
+    elif rhos is not None:
+        axes["rho"] = parse_values(rhos, "--rho", limit)
+    try:
+        check_size(len(axes["lambda"] or [1]) * len(axes.get("rho") or [1]), limit, "the λ × ρ grid")
+    except GridError as error:
+        raise SweepError(str(error)) from None
     return SweepPlan(data, config, swept, axes, paper_clip)
 
 
 def open_log(out: Path, plan: SweepPlan, evaluator: Evaluator, reference: Optional[Dict[str, float]]) -> ResultLog:
     """``out/results.jsonl``, refused if another recipe or evaluator wrote it."""
     return ResultLog(Path(out) / RESULTS, fingerprint(plan.data, plan.swept, evaluator.description, reference),
-                     hint="use another --out directory or delete the file")
+                     hint="use another --out directory or delete the file", kinds=("point",))
 
 
 def _norm_keys(base, tasks) -> List[str]:
@@ -154,6 +163,8 @@ class SweepPoint:
     scratch: Optional[Path] = None  # None: out/merges
 
     def __call__(self, point: Point) -> Evaluation:
+        from safetensors import SafetensorError
+
         from fedmerge_plugins.norms.cache import CACHE
         from fedmerge_plugins.sweep import scratch
         from fedmerge_plugins.sweep.merger import install, merge_point
@@ -166,13 +177,24 @@ class SweepPoint:
         name = f"point-{point.index:04d}"
         merges = Path(self.out) / "merges"
         root = self.scratch if self.scratch is not None and self.scratch.is_dir() else merges
-        staging = scratch.point_folder(root, name)
+        with user_path(root, f"write the merge of grid point {point.label()} in"):
+            staging = scratch.point_folder(root, name)
         try:
-            merged = merge_point(point_config(self.data, point), staging / name, self.options)
-            scores = self.evaluator.evaluate(merged)
+            try:
+                merged = merge_point(point_config(self.data, point), staging / name, self.options)
+            except (OSError, SafetensorError) as error:
+                if not write_refused(error):
+                    raise
+                cause = reason(error) if isinstance(error, OSError) else str(error)  # a full or read-only scratch folder
+                raise SweepError(f"grid point {point.label()}: cannot write its merge in {root}: {cause}") from error
+            try:
+                scores = self.evaluator.evaluate(merged)
+            except FedmergeError as error:
+                raise SweepError(f"grid point {point.label()}: {error}") from error
             if self.keep_merges:
-                merges.mkdir(parents=True, exist_ok=True)
-                scratch.keep(merged, merges / name)
+                with user_path(merges, f"keep the merge of grid point {point.label()} in"):
+                    merges.mkdir(parents=True, exist_ok=True)
+                    scratch.keep(merged, merges / name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return Evaluation(scores)
@@ -192,10 +214,12 @@ def run_sweep(
     keep_merges: bool = False,
     workers: Optional[WorkerSettings] = None,
     echo: Callable[[str], None] = click.echo,
+    max_points: Optional[int] = None,
 ) -> SweepOutcome:
     """Merge and score every grid point of ``recipe`` (resuming ``out/results.jsonl``), then
     write ``out/winner.yml``. ``lambdas``/``rhos``: grid option text (``rhos="paper"`` for
-    the paper's grid of cclip or fedgma). ``workers``: score the points on Ray workers
+    the paper's grid of cclip or fedgma; at most ``max_points`` points, default
+    ``grids.MAX_POINTS``). ``workers``: score the points on Ray workers
     (``WorkerSettings(workers=N)`` or ``ray_address=...``); the inputs are read and CCLIP's
     norms computed here, once, and only this process writes the log."""
     from fedmerge_plugins.norms.streaming import model_index
@@ -208,7 +232,7 @@ def run_sweep(
         raise SweepError(f"--mode {mode!r}: use one of {', '.join(MODES)}")
     workers = workers or WorkerSettings()
     workers.check()
-    plan = plan_sweep(recipe, lambdas, rhos)
+    plan = plan_sweep(recipe, lambdas, rhos, max_points)
     log = open_log(out, plan, evaluator, reference)
     for point in plan.points():
         point_config(plan.data, point)  # each point checked, shapes included
@@ -268,7 +292,7 @@ def finish(outcome: SearchOutcome, plan: SweepPlan, out: Path, mode: str, norms:
     """Write ``out/winner.yml`` and print the table."""
     best_point = outcome.best_point
     winner_path = out / WINNER
-    winner_path.write_text(recipe_yaml(winner_recipe(plan.data, best_point)), encoding="utf-8")
+    write_output(winner_path, recipe_yaml(winner_recipe(plan.data, best_point)))  # whole or not at all
     echo(results_table(outcome.points, outcome.records, outcome.best["key"]))
     echo(f"winner: {best_point.label()} (selection score {outcome.best['selection']:.6g}); recipe written to {winner_path}")
     return SweepOutcome(outcome.points, outcome.records, outcome.best, winner_path, mode, norms, outcome.merges)
