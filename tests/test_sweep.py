@@ -321,11 +321,9 @@ def test_killed_sweep_resumes_and_winner_reproduces_bit_for_bit(family: Family, 
 # ---- a real lm-eval evaluation --------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_sweep_selects_lambda_with_lm_eval(tmp_path: Path) -> None:
-    """Chain models (tests/eval_fixtures.py) whose greedy answer to the GSM8K prompt is
-    "8" (base) or "7" (task): the λ-merge answers 7 once λ > 1/2. lm-eval scores each
-    point; ties go to the earlier point, so λ = 0.6 wins over 1.0."""
+def chain_world(tmp_path: Path) -> Tuple[Path, Path]:
+    """Chain models (tests/eval_fixtures.py) whose greedy answer to the GSM8K prompt is "8"
+    (base) or "7" (task), a one-item GSM8K file and a median recipe: (recipe, data folder)."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -346,7 +344,15 @@ def test_sweep_selects_lambda_with_lm_eval(tmp_path: Path) -> None:
     recipe = tmp_path / "median.yml"
     recipe.write_text(yaml.safe_dump({"merge_method": "median", "base_model": str(base),
                                       "models": [{"model": str(tmp_path / "task")}], "parameters": {"lambda": 1.0}}))
+    return recipe, data
 
+
+@pytest.mark.slow
+def test_sweep_selects_lambda_with_lm_eval(tmp_path: Path) -> None:
+    """Chain models (tests/eval_fixtures.py) whose greedy answer to the GSM8K prompt is
+    "8" (base) or "7" (task): the λ-merge answers 7 once λ > 1/2. lm-eval scores each
+    point; ties go to the earlier point, so λ = 0.6 wins over 1.0."""
+    recipe, data = chain_world(tmp_path)
     evaluator = LmEvalEvaluator(["gsm8k"], data_dir=data, split="test", batch_size=1, max_gen_toks=16, device="cpu")
     outcome = run_sweep(recipe, tmp_path / "out", evaluator, lambdas="0.2:1.0:0.4", echo=lambda line: None)
     assert [(r["parameters"]["lambda"], r["scores"]) for r in outcome.records.values()] == [

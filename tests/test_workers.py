@@ -275,6 +275,41 @@ def test_sweep_on_two_workers_equals_serial_with_the_drivers_norms_a_killed_work
     assert any(abs(r["selection"] - true_scores[(r["parameters"]["lambda"], r["parameters"]["rho"])]) > 1e-3 for r in records)
 
 
+HOLDER = """
+import os
+from safetensors.torch import load_file
+
+
+def score(model):
+    with open(os.path.join({calls!r}, str(os.getpid())), "a") as handle:  # which model each process scored with
+        handle.write(str(id(model)) + "\\n")
+    goal = load_file({goal!r})
+    state = model.state_dict()
+    return {{"closeness": -sum(float((state[k].double() - goal[k].double()).pow(2).sum()) for k in sorted(goal))}}
+"""
+
+
+def test_in_memory_sweep_on_two_workers_equals_serial_each_worker_one_model(family, tmp_path):
+    """A model-taking evaluator: the points on 2 workers, each worker process scoring every
+    one of its points with the one model it loaded; records and winner as in this process."""
+    from fedmerge_plugins.sweep.evaluators import PythonEvaluator
+    from fedmerge_plugins.sweep.run import run_sweep
+
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    module = tmp_path / "holder.py"
+    module.write_text(HOLDER.format(calls=str(calls), goal=str(family.base.parent / "goal.safetensors")))
+    recipe = write_recipe(family, tmp_path)
+    evaluator = PythonEvaluator(f"python:{module}:score")
+    serial = run_sweep(recipe, tmp_path / "serial", evaluator, lambdas=GRID, rhos="0.05,0.5", echo=lambda line: None)
+    ray_run = run_sweep(recipe, tmp_path / "ray", evaluator, lambdas=GRID, rhos="0.05,0.5", workers=TWO, echo=lambda line: None)
+    assert scores_of(log_records(tmp_path / "ray")) == scores_of(serial.records.values())
+    assert ray_run.best["key"] == serial.best["key"]
+    workers = [p for p in calls.iterdir() if p.name != str(os.getpid())]
+    assert 1 <= len(workers) <= 2 and sum(len(p.read_text().split()) for p in workers) == 4
+    assert all(len(set(p.read_text().split())) == 1 for p in calls.iterdir())  # one model per process
+
+
 @pytest.mark.slow
 def test_killed_driver_resumes(local_ray, sweep_world, driver_norms, tmp_path):
     """``fedmerge sweep --ray-address`` (this file's Ray, as a cluster) SIGKILLed once 4 points

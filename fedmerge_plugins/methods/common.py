@@ -3,6 +3,11 @@
 Kernels compute in float32 (float64 when the inputs are float64) whatever the stored
 dtype, on the device the inputs are on, and return the base tensor's dtype.
 
+Every rule here is θ₀ + λ·D with D independent of λ: a kernel's ``delta_block`` computes D
+and ``finish`` (one shared operation, ``D·λ + θ₀``) makes the merge. Under ``capture_deltas()``
+``blockwise`` also keeps each tensor's whole D, and ``refinish`` turns it into the merge at
+any λ by the very operations the kernel runs (``fedmerge sweep`` computes D once per ρ).
+
 On the CPU they walk the flattened tensors in blocks of ``BLOCK`` elements with a few
 scratch buffers allocated once per tensor. Whole-tensor temporaries are fresh memory
 whose first touch (page faults) costs more than the arithmetic, while a block stays in
@@ -12,7 +17,9 @@ in the same order either way, so results do not depend on the block size.
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, TensorGroup
@@ -24,23 +31,92 @@ ARXIV = "https://arxiv.org/abs/2411.18607"
 BASE_REQUIRED = InputContract(base=BasePolicy.REQUIRED)
 BLOCK = 1 << 18  # elements per block on the CPU: 1 MiB per float32 buffer
 
-# merge_block(θ_0 block in the compute dtype, θ_t blocks as stored, scratch buffers) -> merged block
+# delta_block(θ_0 block in the compute dtype, θ_t blocks as stored, scratch buffers) -> D block (a buffer)
 BlockRule = Callable[[torch.Tensor, List[torch.Tensor], List[torch.Tensor]], torch.Tensor]
 
 
-def blockwise(group: TensorGroup, method: str, buffers: int, merge_block: BlockRule) -> torch.Tensor:
-    """Evaluate ``merge_block`` on successive blocks of the flattened tensors of ``group``.
+@dataclass
+class Captured:
+    """One tensor's factors: ``base`` as the kernel got it, ``delta`` = D in the compute dtype."""
 
-    ``merge_block`` gets the base block in the compute dtype, the models' blocks as
+    base: torch.Tensor
+    delta: torch.Tensor
+    method: str
+
+
+_CAPTURED: Optional[Dict[str, Captured]] = None  # set by capture_deltas (a merge runs in one thread or several)
+
+
+@contextlib.contextmanager
+def capture_deltas() -> Iterator[Dict[str, Captured]]:
+    """While the block runs, every fedmerge kernel also records its tensor's D (by tensor name)."""
+    global _CAPTURED
+    saved, _CAPTURED = _CAPTURED, {}
+    try:
+        yield _CAPTURED
+    finally:
+        _CAPTURED = saved
+
+
+def finish(base: torch.Tensor, delta: torch.Tensor, lam: float) -> torch.Tensor:
+    """θ₀ + λ·D, in place on ``delta`` (scratch), in the compute dtype: the last step of every rule."""
+    if lam != 1.0:
+        delta.mul_(lam)
+    return delta.add_(base)
+
+
+def blockwise(group: TensorGroup, method: str, buffers: int, delta_block: BlockRule, lam: float) -> torch.Tensor:
+    """θ₀ + λ·D over successive blocks of the flattened tensors of ``group``.
+
+    ``delta_block`` gets the base block in the compute dtype, the models' blocks as
     stored (both read-only: they may be views of the inputs) and ``buffers`` scratch
-    tensors of the block's length in the compute dtype; it returns the merged block
-    (usually one of the buffers), which is checked finite and cast to the base dtype.
-    Off the CPU there is one block: the whole tensor.
+    tensors of the block's length in the compute dtype; it returns the block of D
+    (usually one of the buffers), which ``finish`` makes the merge, checked finite and
+    cast to the base dtype. Off the CPU there is one block: the whole tensor.
     """
     base = group.base.tensor
+    models = [entry.tensor.reshape(-1) for entry in group.non_base]
+    captured = None
+    if _CAPTURED is not None:
+        captured = torch.empty(base.shape, dtype=compute_dtype(base.dtype), device=base.device)
+        _CAPTURED[group.metadata.name] = Captured(base, captured, method)
+
+    def merge_block(base_block: torch.Tensor, part: slice, views: List[torch.Tensor]) -> torch.Tensor:
+        delta = delta_block(base_block, [model[part] for model in models], views)
+        if captured is not None:
+            captured.view(-1)[part].copy_(delta)
+        return finish(base_block, delta, lam)
+
+    return _blocks(base, buffers, merge_block, lambda: raise_non_finite(group, method))
+
+
+def refinish(captured: Captured, lam: float, out: Optional[torch.Tensor] = None,
+             scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The kernel's merge at ``lam`` from its captured D: the same ``finish`` on a copy of D
+    (``scratch``: a flat compute-dtype buffer at least that large, or into ``out`` when it has
+    the compute dtype), the same finiteness check and cast to the base dtype (into ``out``,
+    contiguous and of the base's shape, where given). Whole tensors: the operations are
+    element-wise, so the kernel's blocks give the same bits."""
+    base, delta = captured.base, captured.delta
+    if out is not None and out.dtype == delta.dtype == base.dtype:
+        work = out
+    elif scratch is not None:
+        work = scratch[: delta.numel()].view(delta.shape)
+    else:
+        work = torch.empty_like(delta)
+    merged = finish(base, work.copy_(delta), lam)
+    if not all_finite(merged):
+        raise NonFiniteError(f"{captured.method}: merged tensor is not finite (overflow); lower lambda")
+    if out is None:
+        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    return out if merged is out else out.copy_(merged)
+
+
+def _blocks(base: torch.Tensor, buffers: int, merge_block: Callable[[torch.Tensor, slice, List[torch.Tensor]], torch.Tensor],
+            non_finite: Callable[[], None]) -> torch.Tensor:
+    """The block loop: scratch buffers, the base block upcast, the merged block checked and cast."""
     dtype = compute_dtype(base.dtype)
     flat_base = base.reshape(-1)
-    models = [entry.tensor.reshape(-1) for entry in group.non_base]
     out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     flat_out = out.view(-1)
     numel = flat_base.numel()
@@ -51,9 +127,9 @@ def blockwise(group: TensorGroup, method: str, buffers: int, merge_block: BlockR
         part = slice(start, min(start + block, numel))
         views = [buffer[: part.stop - start] for buffer in scratch]
         base_block = views.pop().copy_(flat_base[part]) if upcast else flat_base[part]
-        merged = merge_block(base_block, [model[part] for model in models], views)
+        merged = merge_block(base_block, part, views)
         if not all_finite(merged):
-            raise_non_finite(group, method)
+            non_finite()
         flat_out[part].copy_(merged)
     return out
 
@@ -77,7 +153,7 @@ def weighted_task_sum(
     if not group.non_base:
         return group.base.tensor
 
-    def merge_block(base: torch.Tensor, models: List[torch.Tensor], buffers: List[torch.Tensor]) -> torch.Tensor:
+    def delta_block(base: torch.Tensor, models: List[torch.Tensor], buffers: List[torch.Tensor]) -> torch.Tensor:
         total, delta = buffers
         for index, (model, coefficient) in enumerate(zip(models, coefficients)):
             target = delta if index else total
@@ -86,11 +162,9 @@ def weighted_task_sum(
                 target.mul_(coefficient)
             if index:
                 total.add_(delta)
-        if lam != 1.0:
-            total.mul_(lam)
-        return total.add_(base)  # never written into an input: ``total`` is scratch
+        return total  # scratch: ``finish`` never writes into an input
 
-    return blockwise(group, method, 2, merge_block)
+    return blockwise(group, method, 2, delta_block, lam)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -39,7 +39,7 @@ class FedGMAMerge(GroupMergeMethod):
         threshold = full_agreement_count(parameters["rho"], count)
         lam = parameters["lambda"]
 
-        def merge_block(base: torch.Tensor, models: List[torch.Tensor], buffers: List[torch.Tensor]) -> torch.Tensor:
+        def delta_block(base: torch.Tensor, models: List[torch.Tensor], buffers: List[torch.Tensor]) -> torch.Tensor:
             total, delta, votes = buffers  # votes: Σ_t sign(τ_t), whole numbers, exact in float
             # the mask without a comparison (a boolean tensor and masked_fill cost more than the rest of the rule)
             task_vector(models[0], base, total)
@@ -50,12 +50,9 @@ class FedGMAMerge(GroupMergeMethod):
             agreement = torch.div(votes.abs_(), count, out=delta)  # A = |Σ_t sign(τ_t)| / T
             full = votes.sub_(threshold - 1).clamp_(0, 1)  # 1 where |Σ_t sign(τ_t)| ≥ threshold, else 0
             mask = torch.maximum(agreement, full, out=votes)  # M = 1 there, A elsewhere (A ≥ 0)
-            total.mul_(mask)
-            if lam != 1.0:
-                total.mul_(lam)
-            return total.add_(base)
+            return total.mul_(mask)
 
-        return blockwise(group, "fedgma", 3, merge_block)
+        return blockwise(group, "fedgma", 3, delta_block, lam)
 
 
 fedgma_merge = FedGMAMerge()

@@ -93,14 +93,11 @@ class MedianMerge(GroupMergeMethod):
             return group.base.tensor
         lam = parameters["lambda"]
 
-        def merge_block(base: torch.Tensor, models: List[torch.Tensor], buffers: List[torch.Tensor]) -> torch.Tensor:
+        def delta_block(base: torch.Tensor, models: List[torch.Tensor], buffers: List[torch.Tensor]) -> torch.Tensor:
             rows = [task_vector(model, base, row) for model, row in zip(models, buffers)]
-            merged = median_of(rows, buffers[-1])
-            if lam != 1.0:
-                merged.mul_(lam)
-            return merged.add_(base)
+            return median_of(rows, buffers[-1])
 
-        return blockwise(group, "median", count + 1, merge_block)
+        return blockwise(group, "median", count + 1, delta_block, lam)
 
 
 median_merge = MedianMerge()

@@ -102,3 +102,11 @@ class NormCache:
 
 
 CACHE = NormCache()
+
+
+def cached_norms(base: ShardedTensorIndex, models: Sequence[ShardedTensorIndex], cache: NormCache = CACHE) -> Optional[Dict[str, float]]:
+    """``{cache key: norm}`` of each model's task vector against ``base``, in model order, when
+    every one is cached (None otherwise); the keys go to ``NormCache.remember`` elsewhere."""
+    keys = cache_keys(base, models)
+    found = cache.lookup(keys)
+    return {key: found[key] for key in keys} if all(key in found for key in keys) else None

@@ -74,9 +74,10 @@ class Evaluation:
 
 
 def expand(axes: Mapping[str, Optional[Sequence[float]]]) -> List[Point]:
-    """The product of the given axes in ``SWEPT`` order, the first axis outermost."""
+    """The product of the given axes, the first outermost: λ, ρ, then any other in the
+    order given (``fedmerge sweep --param``)."""
     points: List[Dict[str, float]] = [{}]
-    for name in SWEPT:
+    for name in [*(n for n in SWEPT if n in axes), *(n for n in axes if n not in SWEPT)]:
         values = axes.get(name)
         if values:
             points = [{**p, name: float(v)} for p in points for v in values]
@@ -310,13 +311,17 @@ def run_search(
     on_record: Optional[Callable[[Point, Dict[str, Any]], None]] = None,
     progress: bool = True,
     desc: str = "grid points",
+    order: Optional[Callable[[Point], Any]] = None,
 ) -> SearchOutcome:
     """Score every point of ``points`` not yet in ``log`` (one merge per group of
     ``merge_groups``), record each, and return the records and the winner.
 
     ``workers``: where the points are scored (``workers.WorkerSettings``; default here,
     one after another). On Ray workers ``evaluate`` must be picklable; it is shipped once,
-    its tensors through the object store, and the records are written here as results come."""
+    its tensors through the object store, and the records are written here as results come.
+    ``order``: a sort key for the points to score (default: grid order), e.g. the sweep's
+    groups of points that share one D; records, their ``index`` and the winner (ties to the
+    earlier point in grid order) do not depend on it, only the order of the log's lines."""
     from tqdm.auto import tqdm
 
     from fedmerge_plugins.search.workers import WorkerSettings, call, run_units
@@ -333,6 +338,8 @@ def run_search(
         elif missing:
             pending.append(same[0])
             members[same[0].key] = same
+    if order is not None:
+        pending.sort(key=order)
     scored = run_units(call, evaluate, pending, workers or WorkerSettings())  # ``evaluate`` is shipped once
     for point, evaluation, seconds in tqdm(scored, total=len(pending), desc=desc, unit="merge", disable=not progress, leave=False):
         value = selection(evaluation.scores)
@@ -362,10 +369,21 @@ def _record(log: ResultLog, point: Point, method: str, group: Optional[str], sco
     return log.append(record)
 
 
+PER_MODEL = "@"  # NAME@MODEL: the parameter NAME of the recipe's model MODEL
+
+
 def winner_recipe(data: Mapping[str, Any], point: Point) -> Dict[str, Any]:
-    """A deep copy of the recipe with the point's values in its top-level parameters."""
+    """A deep copy of the recipe with the point's values in its top-level parameters, a
+    ``NAME@MODEL`` value in the parameters of the ``models:`` entry whose ``model`` is MODEL."""
     recipe = copy.deepcopy(dict(data))
-    recipe["parameters"] = {**(recipe.get("parameters") or {}), **point.parameters}
+    shared = {k: v for k, v in point.parameters.items() if PER_MODEL not in k}
+    recipe["parameters"] = {**(recipe.get("parameters") or {}), **shared}
+    for key, value in point.parameters.items():
+        if PER_MODEL in key:
+            name, _, model = key.partition(PER_MODEL)
+            for entry in recipe.get("models") or []:
+                if str(entry.get("model")) == model:
+                    entry["parameters"] = {**(entry.get("parameters") or {}), name: value}
     return recipe
 
 

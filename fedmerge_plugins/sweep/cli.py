@@ -28,10 +28,13 @@ def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
 @click.argument("recipe", type=ExistingPath(dir_okay=False, path_type=Path))
 @click.option("--lambda", "lambdas", metavar="GRID", help="λ values: START:STOP:STEP (stop included) or a comma list, e.g. 0.2:1.0:0.2.")
 @click.option("--rho", "rhos", metavar="GRID", help="ρ values, as --lambda; 'paper' for the paper's grid (cclip: 5 values from min to max norm; fedgma: 0.1 … 1.0).")
+@click.option("--param", "params", multiple=True, metavar="NAME=GRID",
+              help="Any other numeric parameter as an axis (repeatable): a shared one (NAME=GRID) or one model's "
+                   "(NAME@MODEL=GRID, MODEL as the recipe's models: entry writes it), e.g. weight@./models/math=0.5:1.5:0.5.")
 @click.option("--eval", "eval_spec", required=True, metavar="EVALUATOR",
-              help="lm-eval, clip, or python:MODULE:FUNCTION / python:FILE.py:FUNCTION (FUNCTION(model_dir) -> dict of scores or a number).")
+              help="lm-eval, clip, or python:MODULE:FUNCTION / python:FILE.py:FUNCTION (FUNCTION(model_dir), or FUNCTION(model) for the model loaded once, -> dict of scores or a number).")
 @click.option("--tasks", default="", help="Comma-separated tasks of the lm-eval evaluator (fedmerge's five or any lm-eval task) or the CLIP evaluator.")
-@click.option("--include-path", "include_path", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--include-path", "include_path", multiple=True, type=ExistingPath(file_okay=False, path_type=Path),
               help="lm-eval: a folder of your own lm-eval task YAMLs (repeatable).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Local evaluation data (lm-eval: DATA_DIR/<task>.jsonl).")
 @click.option("--split", type=click.Choice(["validation", "test"]), default="validation", show_default=True,
@@ -63,6 +66,7 @@ def sweep_command(
     recipe: Path,
     lambdas: Optional[str],
     rhos: Optional[str],
+    params: Tuple[str, ...],
     eval_spec: str,
     tasks: str,
     include_path: Tuple[Path, ...],
@@ -142,6 +146,7 @@ def sweep_command(
             evaluator,
             lambdas=lambdas,
             rhos=rhos,
+            params=params,
             reference=load_reference(reference_scores),
             mode=mode,
             max_memory=max_memory,
@@ -149,4 +154,5 @@ def sweep_command(
             keep_merges=keep_merges,
             workers=settings,
             max_points=max_points,
+            echo=click.echo,
         )

@@ -1,12 +1,19 @@
-"""Scoring a merged model: model directory -> named scores -> one selection score.
+"""Scoring a merged model: model directory or loaded model -> named scores -> one selection score.
 
 An evaluator has a ``description`` (recorded with every result, so a resumed sweep cannot
-mix evaluators) and ``evaluate(model_dir) -> {name: score}``. Built-in:
+mix evaluators) and ``evaluate(model_dir) -> {name: score}``. One that can score a model
+loaded once for the whole sweep (``takes_model``) also has ``load(model_dir) -> Loaded``
+(once per process; the sweep then copies each grid point's weights into ``Loaded.module``
+in place) and ``evaluate_loaded(loaded) -> {name: score}``. Built-in:
 
-- ``lm-eval``: ``fedmerge_plugins.evaluation.api.evaluate_model`` on the tasks of ``eval/``;
+- ``lm-eval``: ``fedmerge_plugins.evaluation.api`` on the tasks of ``eval/``; with the hf
+  backend the lm-eval model (``HFLM``) and the task objects are made once per sweep;
 - ``clip``: the CLIP evaluator of ``fedmerge_plugins.clip`` (normalized accuracy);
-- ``python:MODULE:FUNCTION`` or ``python:FILE.py:FUNCTION``: any function taking the model
-  directory and returning a dict of scores or one number.
+- ``python:MODULE:FUNCTION`` or ``python:FILE.py:FUNCTION``: a function returning a dict of
+  scores or one number. ``FUNCTION(model_dir)`` gets a merged model's folder; a function
+  with a parameter named ``model`` instead gets the loaded transformers model (the class
+  its config names, in the merge's dtype, on the CPU), and the tokenizer too if it has a
+  parameter named ``tokenizer``: ``def score(model, tokenizer): ...``.
 
 The selection score is the mean of the scores; with reference scores (the fine-tuned
 models' own, as the paper does) it is the mean normalized score, score / reference.
@@ -16,11 +23,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
+import logging
 import math
+import os
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from fedmerge_plugins.errors import FedmergeError
 from fedmerge_plugins.sweep.errors import SweepError
@@ -32,6 +43,64 @@ class Evaluator(Protocol):
     description: str
 
     def evaluate(self, model_dir: Path) -> Scores: ...
+
+
+@dataclass
+class Loaded:
+    """A model an evaluator loaded once: ``module`` (a torch module) takes each point's
+    weights; ``handle`` is what the evaluator scores (the module itself, lm-eval's model…)."""
+
+    module: Any
+    handle: Any
+    tokenizer: Any = None
+
+
+VLLM_CALLABLES = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+VLLM_CHUNK_BYTES = 1 << 30  # tensors sent to vLLM's workers per call
+
+
+def _load_into_worker(worker: Any, weights: List[Tuple[str, Any]]) -> None:
+    """Runs in each vLLM worker: its model's own loader (Hugging Face names; it fills the fused
+    q/k/v and gate/up layers itself), as vLLM's RLHF example does."""
+    worker.model_runner.model.load_weights(weights=weights)
+
+
+class VllmWeights:
+    """The load target of a vLLM engine (``vllm.LLM``): each point's tensors go to every worker
+    through ``collective_rpc`` (in chunks of about ``VLLM_CHUNK_BYTES``), then the prefix cache
+    is reset (cached prompt prefixes would otherwise be answered with the old weights)."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+
+    def load_weights(self, tensors: Iterable[Tuple[str, Any]]) -> None:
+        chunk: List[Tuple[str, Any]] = []
+        size = 0
+        for name, tensor in tensors:
+            chunk.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= VLLM_CHUNK_BYTES:
+                self.llm.collective_rpc(_load_into_worker, args=(chunk,))
+                chunk, size = [], 0
+        if chunk:
+            self.llm.collective_rpc(_load_into_worker, args=(chunk,))
+        self.llm.reset_prefix_cache()
+
+
+def takes_model(evaluator: Evaluator) -> bool:
+    """Whether ``evaluator`` scores a model loaded once (``load`` / ``evaluate_loaded``)."""
+    return bool(getattr(evaluator, "takes_model", False))
+
+
+def load_transformers_model(model_dir: Path) -> Any:
+    """The model of a merged folder as its config's class (``architectures[0]``), stored dtype, eval mode."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(model_dir))
+    names = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, names[0], None) if names else None
+    model = (model_class or transformers.AutoModel).from_pretrained(str(model_dir), dtype="auto")
+    return model.eval().requires_grad_(False)
 
 
 def _as_scores(value: Any, source: str) -> Scores:
@@ -48,7 +117,8 @@ def _as_scores(value: Any, source: str) -> Scores:
 
 
 class PythonEvaluator:
-    """``python:MODULE:FUNCTION`` / ``python:FILE.py:FUNCTION``; FUNCTION(model_dir: str)."""
+    """``python:MODULE:FUNCTION`` / ``python:FILE.py:FUNCTION``; FUNCTION(model_dir: str), or
+    FUNCTION(model=…[, tokenizer=…]) when it has a parameter named ``model``."""
 
     def __init__(self, spec: str) -> None:
         self.description = spec
@@ -88,9 +158,37 @@ class PythonEvaluator:
             raise SweepError(f"--eval {spec!r}: {name} is not callable")
         return function
 
-    def evaluate(self, model_dir: Path) -> Scores:
+    def _parameters(self) -> Sequence[str]:
         try:
-            value = self.function(str(model_dir))
+            return list(inspect.signature(self.function).parameters)
+        except (TypeError, ValueError):  # a builtin without a signature: the folder protocol
+            return []
+
+    @property
+    def takes_model(self) -> bool:
+        return "model" in self._parameters()
+
+    def evaluate(self, model_dir: Path) -> Scores:
+        if self.takes_model:
+            return self.evaluate_loaded(self.load(model_dir))
+        return self._call(str(model_dir))
+
+    def load(self, model_dir: Path) -> Loaded:
+        tokenizer = None
+        if "tokenizer" in self._parameters():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model = load_transformers_model(model_dir)
+        return Loaded(model, model, tokenizer)
+
+    def evaluate_loaded(self, loaded: Loaded) -> Scores:
+        extra = {"tokenizer": loaded.tokenizer} if "tokenizer" in self._parameters() else {}
+        return self._call(model=loaded.handle, **extra)
+
+    def _call(self, *args: Any, **kwargs: Any) -> Scores:
+        try:
+            value = self.function(*args, **kwargs)
         except Exception as error:  # the evaluator's own failure: named, the traceback under -v
             raise SweepError(f"evaluator {self.description} raised {raised(error)}") from error
         return _as_scores(value, self.description)
@@ -122,7 +220,8 @@ class LmEvalEvaluator:
         self.options = options
         checked = {"data_dir": None, "split": "test", "validation_fraction": None, "allow_code_execution": False}
         checked.update({k: v for k, v in options.items() if k in (*checked, "limit", "batch_size", "max_gen_toks")})
-        backend: Backend = options.get("backend") or Backend()
+        backend: Backend = options.get("backend") or Backend(
+            device=options.get("device", "cpu"), batch_size=options.get("batch_size", 8), dtype=options.get("dtype"))
         try:
             backend.check()
             self.tasks, _ = resolve_tasks(tuple(tasks), options.get("include_path") or ())
@@ -136,14 +235,61 @@ class LmEvalEvaluator:
         suffix = "" if backend.name == "hf" else f" backend={backend.name}"
         self.description = f"lm-eval tasks={','.join(self.tasks)} {json.dumps(shown, sort_keys=True)}{suffix}"
 
+        self.backend = backend
+        self._task_objects: Optional[Dict[str, Any]] = None
+
+    def __getstate__(self) -> Dict[str, Any]:  # to a Ray worker, which builds its own task objects
+        return {**self.__dict__, "_task_objects": None}
+
+    @property
+    def takes_model(self) -> bool:
+        # vLLM: one engine in this process (data parallelism starts engines of its own elsewhere)
+        return self.backend.name == "hf" or (self.backend.name == "vllm" and self.backend.data_parallel_size == 1)
+
     def evaluate(self, model_dir: Path) -> Scores:
         from fedmerge_plugins.evaluation.api import evaluate_model
 
-        result = evaluate_model(model_dir, self.tasks, **self.options)
-        lower = [f"{name} ({metric.metric})" for name, metric in result.metrics.items() if not metric.higher_is_better]
-        if lower:  # the selection takes the highest mean
-            raise SweepError(f"--eval lm-eval: the first metric of {', '.join(lower)} is better when lower; select on a task whose first metric is higher-is-better")
-        return _as_scores(result.scores, "lm-eval")
+        return _lm_eval_scores(evaluate_model(model_dir, self.tasks, **self.options))
+
+    def load(self, model_dir: Path) -> Loaded:
+        """lm-eval's model on ``model_dir``, built as ``fedmerge eval`` builds it (so a point's
+        scores are those of its merge evaluated alone); its transformers model takes the weights."""
+        from fedmerge_plugins.evaluation.api import fit_generation, load_model
+
+        if self.backend.name == "vllm":
+            os.environ.setdefault(VLLM_CALLABLES, "1")  # collective_rpc of a function (VllmWeights) on vLLM's V1 engine
+        lm = load_model(model_dir, backend=self.backend)
+        # --max-gen-toks lowered to what the context leaves, as evaluate_model does (every point has this config and tokenizer)
+        self._max_gen_toks = fit_generation(
+            model_dir, self.task_objects(), self.options.get("max_gen_toks", 256), limit=self.options.get("limit"),
+            context=self.backend.max_model_len, note=lambda line: logging.getLogger(__name__).warning(line))
+        return Loaded(VllmWeights(lm.model) if self.backend.name == "vllm" else lm.model, lm)
+
+    def task_objects(self) -> Dict[str, Any]:
+        """lm-eval's task objects, built (data read) once per sweep and process."""
+        from fedmerge_plugins.evaluation.api import load_tasks
+
+        if self._task_objects is None:
+            keys = ("data_dir", "split", "validation_fraction", "seed", "include_path")
+            self._task_objects = load_tasks(self.tasks, **{k: v for k, v in self.options.items() if k in keys})
+        return self._task_objects
+
+    def evaluate_loaded(self, loaded: Loaded) -> Scores:
+        from fedmerge_plugins.evaluation.api import evaluate_lm
+
+        keys = ("limit", "allow_code_execution")
+        options = {k: v for k, v in self.options.items() if k in keys}
+        max_gen_toks = getattr(self, "_max_gen_toks", self.options.get("max_gen_toks", 256))
+        return _lm_eval_scores(evaluate_lm(loaded.handle, self.task_objects(), max_gen_toks=max_gen_toks, **options))
+
+
+def _lm_eval_scores(result: Any) -> Scores:
+    """An ``EvalResult``'s scores, refused where a task's primary metric is better when lower
+    (the selection takes the highest mean)."""
+    lower = [f"{name} ({metric.metric})" for name, metric in result.metrics.items() if not metric.higher_is_better]
+    if lower:
+        raise SweepError(f"--eval lm-eval: the first metric of {', '.join(lower)} is better when lower; select on a task whose first metric is higher-is-better")
+    return _as_scores(result.scores, "lm-eval")
 
 
 class ClipEvaluator:

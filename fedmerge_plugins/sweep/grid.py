@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
-from fedmerge_plugins.search.engine import Point, expand, recipe_yaml, winner_recipe
+from fedmerge_plugins.search.engine import PER_MODEL, Point, expand, recipe_yaml, winner_recipe
 from fedmerge_plugins.sweep.errors import SweepError
 
 __all__ = ["check_sweepable", "expand", "parse_values", "point_config"]
@@ -31,9 +31,11 @@ def parse_values(text: str, option: str, limit: Optional[int] = None) -> List[fl
     return values
 
 
-def check_sweepable(config: Any, names: Sequence[str]) -> None:
-    """Each swept name is a shared parameter of the recipe's method, set nowhere but in
-    the top-level ``parameters:`` (where the sweep sets it)."""
+def check_sweepable(config: Any, names: Sequence[str], models: Sequence[str] = ()) -> None:
+    """Each swept name is a shared parameter of the recipe's method, set nowhere but in the
+    top-level ``parameters:`` (where the sweep sets it), or ``NAME@MODEL``: a per-model
+    parameter of the method and a model of the recipe's ``models:`` (``models``: their
+    names as written), set there by the sweep."""
     from mergekit.merge_methods import registry
     from mergekit.merge_methods.base import ParameterScope
 
@@ -42,6 +44,16 @@ def check_sweepable(config: Any, names: Sequence[str]) -> None:
     method = config.merge_method
     spec = {p.name: p for p in registry.get(method).spec.parameters}
     for name in names:
+        if PER_MODEL in name:
+            parameter_name, _, model = name.partition(PER_MODEL)
+            parameter = spec.get(parameter_name)
+            if parameter is None or parameter.scope == ParameterScope.SHARED:
+                per_model = [n for n, p in spec.items() if p.scope != ParameterScope.SHARED]
+                raise SweepError(f"{method} has no per-model parameter `{parameter_name}` to sweep; its per-model parameters: "
+                                 + (", ".join(f"`{n}`" for n in per_model) or "none"))
+            if model not in models:
+                raise SweepError(f"--param {name}: {model!r} is not a model of the recipe's `models:` ({', '.join(models)})")
+            continue
         parameter = spec.get(name)
         if parameter is None or parameter.scope != ParameterScope.SHARED:
             shared = [n for n, p in spec.items() if p.scope == ParameterScope.SHARED]

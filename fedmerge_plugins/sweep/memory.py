@@ -1,9 +1,11 @@
-"""Does a sweep fit in memory? Input checkpoints held once plus one merged copy.
+"""Does a sweep fit in memory? Input checkpoints held once, one merged copy, one D.
 
-The in-memory sweep keeps every input checkpoint in RAM for the whole sweep; each point's
-merge is written out (to /dev/shm where ``scratch.choose_scratch`` finds room for it, counted
-there as memory too), then the evaluator loads it (one merged copy). If inputs and that copy
-need more than 90% of the available memory the sweep merges each point from disk instead.
+The in-memory sweep keeps every input checkpoint in RAM for the whole sweep. An evaluator
+that loads a model once holds it (one merged copy), and the sweep holds the D of one group of
+points (``factored``: θ₀ + λ·D, D in the compute dtype, float32: ``delta``). Otherwise each
+point's merge is written out (to /dev/shm where ``scratch.choose_scratch`` finds room for it,
+counted there as memory too) and the evaluator loads it (one merged copy). If these need
+more than 90% of the available memory the sweep merges each point from disk instead.
 """
 
 from __future__ import annotations
@@ -60,27 +62,44 @@ def weight_bytes(index) -> int:
     return sum(os.path.getsize(f) for f in files)
 
 
+def element_size(index) -> int:
+    """Bytes per element of a checkpoint's first tensor (its stored dtype)."""
+    from safetensors import safe_open
+
+    name, path = next(iter(index.tensor_paths.items()))
+    if not path.endswith(".safetensors"):
+        return 4
+    with safe_open(os.path.join(index.base_path, path), framework="pt") as handle:
+        dtype = handle.get_slice(name).get_dtype()
+    return {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}.get(dtype, 4)
+
+
 @dataclass
 class MemoryPlan:
     inputs: int
     merged: int
     available: int
+    delta: int = 0  # one group's D, when points are merged into a loaded model
 
     @property
     def needed(self) -> int:
-        return self.inputs + self.merged
+        return self.inputs + self.merged + self.delta
 
     @property
     def fits(self) -> bool:
         return self.needed <= HEADROOM * self.available
 
     def describe(self) -> str:
+        delta = f", one D ({human(self.delta)})" if self.delta else ""
         return (
-            f"the input checkpoints ({human(self.inputs)}) plus one merged copy ({human(self.merged)}) "
+            f"the input checkpoints ({human(self.inputs)}) plus one merged copy ({human(self.merged)}){delta} "
             f"need {human(self.needed)}; {human(self.available)} available"
         )
 
 
-def plan_memory(input_indices: Iterable, merged_index, available: Optional[int] = None) -> MemoryPlan:
+def plan_memory(input_indices: Iterable, merged_index, available: Optional[int] = None, *, factored: bool = False) -> MemoryPlan:
+    """``factored``: the points are merged into a loaded model from one D at a time (float32)."""
     inputs = sum(weight_bytes(index) for index in input_indices)
-    return MemoryPlan(inputs, weight_bytes(merged_index), available_memory() if available is None else available)
+    merged = weight_bytes(merged_index)
+    delta = merged * 4 // element_size(merged_index) if factored else 0
+    return MemoryPlan(inputs, merged, available_memory() if available is None else available, delta)

@@ -1,0 +1,86 @@
+"""λ computed once: a point's tensors from the captured D (``sweep.factored``) equal, bit for
+bit, what mergekit writes for the point's recipe: every method, bf16 and fp32 compute, a
+vocabulary-aligned recipe (one task model has an extra token), ``out_dtype`` too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fedmerge_plugins.sweep.factored import capture
+from fedmerge_plugins.sweep.merger import merge_options
+from tests.support.synthetic import Family, make_family
+
+METHODS = {
+    "task_arithmetic": ({}, {"weight": 0.7}),
+    "fednova": ({}, {"steps": 100}),
+    "fedgma": ({"rho": 0.5}, {}),
+    "median": ({}, {}),
+    "cclip": ({"rho": 0.05}, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    # sizes past methods.common.BLOCK so that the kernels run several blocks
+    from tests.support.synthetic import llama_config
+
+    config = llama_config(hidden_size=576, intermediate_size=640, vocab_size=512, num_hidden_layers=1)
+    return make_family(tmp_path_factory.mktemp("factored"), scales=(0.01, 0.02, 0.2), extra_tokens=(0, 1, 0), config=config)
+
+
+def recipe(family: Family, method: str, dtype: str, lam: float, out_dtype: str | None = None) -> Dict:
+    shared, per_model = METHODS[method]
+    models = []
+    for index, path in enumerate(family.tasks):
+        parameters = dict(per_model)
+        if method == "fednova":
+            parameters["steps"] = 100 * (index + 1)
+        models.append({"model": str(path), **({"parameters": parameters} if parameters else {})})
+    data = {"merge_method": method, "base_model": str(family.base), "models": models,
+            "parameters": {"lambda": lam, **shared}, "tokenizer": {"source": "base"}, "dtype": dtype}
+    if out_dtype:
+        data["out_dtype"] = out_dtype
+    return data
+
+
+def config_of(data: Dict):
+    from mergekit.config import MergeConfiguration
+
+    return MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(data)))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("dtype,out_dtype", [("bfloat16", None), ("float32", None), ("float32", "bfloat16")])
+def test_point_from_captured_delta_equals_mergekit(family: Family, tmp_path: Path, method: str, dtype: str, out_dtype: str | None) -> None:
+    from mergekit.merge import run_merge
+
+    from mergekit.common import ModelReference
+
+    options = merge_options(ModelReference.parse(str(family.base)))
+    factors = capture(config_of(recipe(family, method, dtype, 0.3, out_dtype)), options)  # D captured at λ = 0.3
+    assert factors.captured  # every computed tensor has its D
+    for lam in (0.6, 1.0):
+        out = tmp_path / f"merged-{lam}"
+        run_merge(config_of(recipe(family, method, dtype, lam, out_dtype)), str(out), options=options)
+        written = load_file(str(out / "model.safetensors"))
+        produced = dict(factors.tensors(lam))
+        same = {name: torch.full_like(written[name], 7.0) for name in produced}  # written straight into these
+        wider = {name: torch.full_like(written[name], 7.0, dtype=torch.float64) for name in produced}  # cast, then copied
+        factors.write(lam, same)
+        factors.write(lam, wider)
+        for name in produced:
+            assert torch.equal(same[name], produced[name]) and torch.equal(wider[name], produced[name].double()), name
+        assert set(produced) <= set(written) and len(produced) >= len(written) - 2  # norms may be constant
+        for name, tensor in written.items():
+            if name not in produced:
+                continue
+            mine = produced[name]
+            assert mine.dtype == tensor.dtype and mine.shape == tensor.shape, name
+            width = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[tensor.element_size()]
+            assert torch.equal(mine.contiguous().view(width), tensor.contiguous().view(width)), (method, dtype, lam, name)
