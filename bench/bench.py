@@ -40,12 +40,9 @@ from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench_* modules beside this file
 
-from bench_inputs import *  # noqa: E402,F401,F403  (re-exported: tests/test_bench.py reads them from here)
 from bench_inputs import DROP_CACHES, HERE, MEMORY_INTERVAL_S, SIZES, clip_radius, ensure_checkpoints, variants  # noqa: E402
-from bench_measure import *  # noqa: E402,F401,F403
 from bench_measure import Runner, drop_page_cache, measure_startup, run_interleaved  # noqa: E402
-from bench_report import *  # noqa: E402,F401,F403
-from bench_report import summarize, write_report  # noqa: E402
+from bench_report import machine, summarize, write_report  # noqa: E402
 
 
 # ---- command line -----------------------------------------------------------------------
