@@ -1,5 +1,6 @@
 # make test: create .venv, install torch (CPU build) first, then fedmerge with its test extras, run the tests.
-# make demo: the same environment, then the paper's LLM experiment in miniature (`fedmerge demo`).
+# make demo: the same environment, then the paper's LLM experiment in miniature (`fedmerge demo`);
+#   options pass through ARGS, e.g. make demo ARGS="--size small --out /tmp/demo".
 # make mergekit-tests: the installed mergekit's own test suite with fedmerge installed (make test runs it last).
 PYTHON ?= python3
 VENV ?= .venv
@@ -36,7 +37,7 @@ mergekit-tests: venv
 	$(BIN)/python .ci/mergekit_suite.py --cache $(MERGEKIT_TESTS_CACHE)
 
 demo: venv
-	$(BIN)/fedmerge demo
+	$(BIN)/fedmerge demo $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -207,17 +207,56 @@ def test_demo_heterogeneous_model_is_the_best_candidate_at_ten_times_the_rate(de
             assert variant.models[name]["training"]["learning_rate"] == config["finetune"]["learning_rate"]
 
 
+def expected_grid(method: str, norms: Dict[str, float], models) -> list:
+    """The small size's grid written out by hand (λ ∈ {0.6, 1.0} outermost; FedGMA ρ ∈ {0.1, 1.0};
+    CCLIP: one ρ, the smallest norm of the set), not through the demo's ``grid_points``."""
+    lambdas = (0.6, 1.0)
+    if method == "fedgma":
+        return [{"lambda": lam, "rho": rho} for lam in lambdas for rho in (0.1, 1.0)]
+    if method == "cclip":
+        return [{"lambda": lam, "rho": min(norms[m] for m in models)} for lam in lambdas]
+    return [{"lambda": lam} for lam in lambdas]
+
+
+def reference_merge(method: str, parameters: Dict, base: Dict, states: list, training: list) -> Dict:
+    """float64 merges from the paper's equations (CCLIP's norm over the whole task vector)."""
+    import torch
+
+    from tests.test_methods import ref_fedgma, ref_fednova, ref_median
+
+    lam = parameters["lambda"]
+    norms = [math.sqrt(sum(float(((s[n].double() - base[n].double()) ** 2).sum()) for n in base)) for s in states]
+    merged = {}
+    for name, tensor in base.items():
+        tensors = [tensor, *(s[name] for s in states)]
+        tau = [t.double() - tensor.double() for t in tensors[1:]]
+        if method == "task_arithmetic":
+            merged[name] = tensor.double() + lam * sum(tau)
+        elif method == "fednova":
+            merged[name] = ref_fednova(tensors, lam, [t[0] for t in training], [t[1] for t in training])
+        elif method == "fedgma":
+            merged[name] = ref_fedgma(tensors, lam, parameters["rho"])
+        elif method == "median":
+            merged[name] = ref_median(tensors, lam)
+        else:
+            merged[name] = tensor.double() + lam * sum(t * min(1.0, parameters["rho"] / n) for t, n in zip(tau, norms))
+        assert merged[name].dtype == torch.float64
+    return merged
+
+
 @pytest.mark.slow
 def test_demo_merges_are_mergekit_merges_of_the_chosen_values(demo) -> None:
+    from safetensors.torch import load_file
+
     result = demo["result"]
+    models_dir = Path(result.out) / "models"
     by_name = {variant.name: variant for variant in result.variants}
-    merged_with = []
+    merged_with, checked = [], 0
     for variant in result.variants:
         for merge_set, methods in variant.merges.items():
+            models = MERGE_SETS[merge_set]
             for method, entry in methods.items():
                 merged_with.append(entry["merged_with"])
-                if "max_abs_difference_to_sweep_merge" in entry:
-                    assert entry["max_abs_difference_to_sweep_merge"] < 1e-5, (merge_set, method)
                 recipe = yaml.safe_load(Path(entry["recipe"]).read_text())
                 assert recipe["merge_method"] == method
                 for key, value in entry["parameters"].items():
@@ -225,23 +264,34 @@ def test_demo_merges_are_mergekit_merges_of_the_chosen_values(demo) -> None:
                 searched = by_name[entry.get("searched_on", variant.name)]
                 best = max(searched.sweep[merge_set][method], key=lambda row: row["average"])
                 norms = {name: float(e["task_vector_norm"]) for name, e in variant.models.items()}
-                grid = grid_points(method, MERGE_SETS[merge_set], norms, SIZES["small"])
                 searched_norms = {name: float(e["task_vector_norm"]) for name, e in searched.models.items()}
-                searched_grid = grid_points(method, MERGE_SETS[merge_set], searched_norms, SIZES["small"])
-                # the searched variant's best point, at the same grid position for a seed that reuses it
-                assert searched_grid[entry["grid_position"]].parameters == best["parameters"]
-                assert grid[entry["grid_position"]].parameters == entry["parameters"]
+                grid, searched_grid = expected_grid(method, norms, models), expected_grid(method, searched_norms, models)
+                # the searched variant's best point (the first of the best), at the same grid position for a seed that reuses it
+                assert searched_grid[entry["grid_position"]] == pytest.approx(best["parameters"])
+                assert grid[entry["grid_position"]] == pytest.approx(entry["parameters"])
                 assert ("searched_on" in entry) == (variant.seed != result.variants[0].seed)
                 paths = [Path(m["model"]) for m in recipe["models"]]
-                assert [p.relative_to(Path(result.out) / "models").as_posix() for p in paths] == [variant.models[m]["path"] for m in MERGE_SETS[merge_set]]
+                assert [p.relative_to(models_dir).as_posix() for p in paths] == [variant.models[m]["path"] for m in models]
                 if method == "fednova":
-                    for model, name in zip(recipe["models"], MERGE_SETS[merge_set]):
+                    for model, name in zip(recipe["models"], models):
                         training = variant.models[name]["training"]
                         assert model["parameters"] == {"steps": training["steps"], "learning_rate": training["learning_rate"]}
+                if "max_abs_difference_to_sweep_merge" in entry:  # mergekit's checkpoint against the formulas in float64
+                    merged_dir = Path(result.out) / "merges" / variant.name / merge_set / method
+                    merged = load_file(str(merged_dir / "model.safetensors"))
+                    base = load_file(str(models_dir / "base" / "model.safetensors"))
+                    states = [load_file(str(models_dir / variant.models[m]["path"] / "model.safetensors")) for m in models]
+                    training = [(variant.models[m]["training"]["steps"], variant.models[m]["training"]["learning_rate"]) for m in models]
+                    expected = reference_merge(method, entry["parameters"], base, states, training)
+                    assert set(merged) == set(expected)
+                    difference = max(float((merged[n].double() - expected[n]).abs().max()) for n in expected)
+                    assert difference < 1e-5, (merge_set, method, difference)
+                    checked += 1
                 for task, value in entry["test"].items():
                     assert value == pytest.approx(sum(entry["items"][task]) / len(entry["items"][task]))
                     assert entry["normalized"][task] == pytest.approx(value / variant.test_references[task])
                 assert entry["average"] == pytest.approx(sum(entry["normalized"].values()) / len(entry["normalized"]))
+    assert checked == len(MERGE_SETS) * len(METHODS)
     assert merged_with.count("mergekit-yaml (subprocess)") == 1
     assert merged_with.count("mergekit run_merge (in process)") == len(MERGE_SETS) * len(METHODS) - 1
 
@@ -309,3 +359,147 @@ def test_state_digest_tells_merges_apart_bit_for_bit() -> None:
     assert state_digest(nudged) != state_digest(state)
     assert state_digest(dict(state, a=state["a"].reshape(3, 2))) != state_digest(state)
     assert state_digest(dict(state, b=torch.ones(2, dtype=torch.float64))) != state_digest(state)
+
+
+# ----------------------------------------------------------------------------- build in worker processes
+
+
+def _model_digests(models_dir: Path) -> Dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(models_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(models_dir.rglob("model.safetensors"))}
+
+
+@pytest.mark.slow
+def test_build_is_the_same_bits_with_one_and_two_worker_processes(tmp_path: Path) -> None:
+    from fedmerge_plugins.demo.build import SIZES as BUILD_SIZES
+
+    config = BUILD_SIZES["tiny"]
+    manifests = {workers: build_models(tmp_path / f"w{workers}", config, workers=workers, log=lambda line: None) for workers in (1, 2)}
+    one, two = (_model_digests(tmp_path / f"w{w}" / "models") for w in (1, 2))
+    # base + per seed the three task models and every heterogeneous candidate
+    assert len(one) == 1 + len(config.seeds) * (len(TASK_MODELS) + len(config.heterogeneous_steps))
+    assert one == two
+    strip = lambda m: {s: {n: e["task_vector_norm"] for n, e in models.items()} for s, models in m["seeds"].items()}  # noqa: E731
+    assert strip(manifests[1]) == strip(manifests[2])
+    assert manifests[1]["key"] == manifests[2]["key"]
+
+
+def test_load_warning_names_the_load_and_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from fedmerge_plugins.demo.pool import load_warning
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.25, 1.0, 1.0))
+    assert load_warning(2) == (
+        "warning: load average 5.2 on 2 core(s): other processes compete with the demo, which will run slower (its results do not change)"
+    )
+    assert load_warning(8) is None
+
+
+# ----------------------------------------------------------------------------- report of a synthetic run
+
+
+@pytest.fixture
+def synthetic_result() -> Dict:
+    """A demo result with random item scores (no models): what ``compare`` and ``report`` read."""
+    from dataclasses import asdict
+
+    from fedmerge_plugins.demo.environment import describe
+    from fedmerge_plugins.demo.variants import SETTING_METHODS
+
+    rng = np.random.default_rng(7)
+    config = asdict(replace(SIZES["small"].build, n_test=20))
+    items = lambda p: (rng.random(20) < p).astype(float).tolist()  # noqa: E731
+    variants = []
+    for seed in config["seeds"]:
+        for setting in ("homogeneous", "heterogeneous"):
+            models = {
+                name: {"path": f"seed{seed}/{name}" + ("-x10-150" if setting == "heterogeneous" and name == "code" else ""), "task": task, "task_vector_norm": 5.0 + rng.random(),
+                       "training": {"steps": 150, "learning_rate": 3e-4 * (10 if setting == "heterogeneous" and name == "code" else 1)}}
+                for name, task in TASK_MODELS.items()
+            }
+            reference = {task: items(0.8) for task in TASK_MODELS.values()}
+            merges = {}
+            for merge_set, names in MERGE_SETS.items():
+                merges[merge_set] = {}
+                for method in SETTING_METHODS[setting]:
+                    scored = {TASK_MODELS[n]: items(0.6) for n in names}
+                    norm = {t: np.mean(v) / np.mean(reference[t]) for t, v in scored.items()}
+                    merges[merge_set][method] = {"parameters": {"lambda": 1.0}, "items": scored, "test": {t: float(np.mean(v)) for t, v in scored.items()},
+                                                 "normalized": norm, "average": float(np.mean(list(norm.values())))}
+            variants.append({"seed": seed, "setting": setting, "models": models, "reference_items": reference,
+                             "test_references": {t: float(np.mean(v)) for t, v in reference.items()},
+                             "candidates": [{"model": "c", "steps": 150, "validation_accuracy": 0.5}] if setting == "heterogeneous" else [],
+                             "merges": merges, "sweep": {}})
+    settings = {"lambdas": [0.6, 1.0], "fedgma_rhos": [0.1, 1.0], "cclip_count": 1, "max_gen_toks": 32, "search_each_seed": False}
+    environment = describe(workers=2, threads=1, cores=2, build_key="0123456789abcdef")
+    return {"out": "/tmp/x", "size": "small", "settings": settings, "manifest": {"config": config}, "base": {t: 0.1 for t in TASK_MODELS.values()},
+            "variants": variants, "timings": {"total": 1.0}, "environment": environment}
+
+
+def test_chart_error_bars_are_the_bootstrap_intervals_of_each_bar(synthetic_result, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.axes
+
+    from fedmerge_plugins.demo.compare import compare
+    from fedmerge_plugins.demo.report import draw_chart
+
+    samples = 300
+    result = {**synthetic_result, "comparisons": compare(synthetic_result, samples)}
+    drawn = []
+    original = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, height, *a, **k: drawn.append((list(height), k.get("yerr"), k.get("label"))) or original(self, x, height, *a, **k))
+    draw_chart(result, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").stat().st_size > 10_000
+    assert len(drawn) == 1 + len(METHODS)  # homogeneous task arithmetic, then every method heterogeneous
+    # independent bootstrap: the same seeded draws (numpy's generator, tasks in sorted order), percentiles by hand
+    rng = np.random.default_rng(0)
+    counts = {t: 20 for t in sorted(TASK_MODELS.values())}
+    indices = {t: rng.integers(0, n, size=(samples, n)) for t, n in counts.items()}
+    series = [("homogeneous", "task_arithmetic"), *(("heterogeneous", m) for m in METHODS)]
+    for (heights, errors, label), (setting, method) in zip(drawn, series):
+        assert setting in label
+        variants = [v for v in synthetic_result["variants"] if v["setting"] == setting]
+        for k, merge_set in enumerate(MERGE_SETS):
+            per_draw = []
+            for d in range(samples):
+                values = []
+                for v in variants:
+                    scored = v["merges"][merge_set][method]["items"]
+                    values.append(np.mean([np.mean(np.asarray(scored[t])[indices[t][d]]) / np.mean(np.asarray(v["reference_items"][t])[indices[t][d]]) for t in scored]))
+                per_draw.append(np.mean(values))
+            low, high = np.nanpercentile(per_draw, [2.5, 97.5])
+            mean = np.mean([v["merges"][merge_set][method]["average"] for v in variants])
+            assert heights[k] == pytest.approx(100 * mean)
+            assert errors[0][k] == pytest.approx(100 * (mean - low)) and errors[1][k] == pytest.approx(100 * (high - mean))
+
+
+def test_report_records_the_environment(synthetic_result, tmp_path: Path) -> None:
+    from fedmerge_plugins.demo.environment import cpu_info
+    from fedmerge_plugins.demo.report import write_report
+
+    out = tmp_path / "out"
+    out.mkdir()
+    from fedmerge_plugins.demo.compare import compare
+
+    write_report({**synthetic_result, "comparisons": compare(synthetic_result, 50)}, out, log=lambda line: None)
+    report, saved = (out / "report.md").read_text(), json.loads((out / "results.json").read_text())
+    model, flags = cpu_info()
+    from importlib.metadata import version
+
+    environment = saved["environment"]
+    assert (environment["cpu"], environment["vector_flags"]) == (model, flags)
+    assert environment["versions"]["torch"] == version("torch") and environment["versions"]["lm_eval"] == version("lm_eval")
+    assert environment["build_key"] == "0123456789abcdef"
+    section = report.split("## Environment", 1)[1].split("##", 1)[0]
+    for needle in (model, " ".join(flags), f"torch {version('torch')}", f"transformers {version('transformers')}", f"mergekit {version('mergekit')}",
+                   f"lm-eval {version('lm_eval')}", "Python 3.", "`0123456789abcdef`", "2 worker process(es), 1 torch thread each", "1 torch thread(s)"):
+        assert needle in section, needle
+
+
+def test_cpu_info_reads_model_and_vector_flags(tmp_path: Path) -> None:
+    from fedmerge_plugins.demo.environment import cpu_info
+
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f fma pni\n\nprocessor\t: 1\nmodel name\t: other\n")
+    assert cpu_info(path) == ("Some CPU 9000", ["avx2", "avx512f", "fma", "sse2"])

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from fedmerge_plugins.errors import FedmergeError, PathError
+from fedmerge_plugins.errors import DataError, FedmergeError, PathError
 from fedmerge_plugins.evaluation import prompts
 from fedmerge_plugins.evaluation.loaders import load_task_dataset, load_task_records, read_jsonl, split_indices
 from fedmerge_plugins.evaluation.report import alpaca_eval_records, format_table, write_alpaca_eval_outputs
-from fedmerge_plugins.evaluation.tasks import parse_task_list
+from fedmerge_plugins.evaluation.lm_eval_tasks import parse_names, resolve_tasks
 from tests.eval_fixtures import write_jsonl
 
 HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -91,8 +91,11 @@ def test_validation_split_is_seeded_disjoint_and_complete(tmp_path):
     assert validation != split_indices(count, "validation", 0.05, seed=99)
     assert split_indices(10, "validation", 0.01, seed=0) != []  # at least one item
     assert split_indices(5, "test", None, seed=0) == [0, 1, 2, 3, 4]
-    with pytest.raises(FedmergeError, match="needs a validation fraction"):
-        split_indices(5, "validation", None, seed=0)
+    assert split_indices(5, "validation", None, seed=0) == [0, 1, 2, 3, 4]  # a local file is the split
+    from fedmerge_plugins.evaluation.loaders import check_split
+
+    with pytest.raises(DataError, match="needs a validation fraction"):
+        check_split("validation", None, local=False)
     with pytest.raises(FedmergeError, match="too few"):
         split_indices(1, "test", 0.5, seed=0)
     with pytest.raises(FedmergeError, match=r"\(0, 1\)"):
@@ -107,12 +110,11 @@ def test_validation_split_is_seeded_disjoint_and_complete(tmp_path):
 
 
 def test_task_list_parsing():
-    assert parse_task_list("GSM8K, math,gsm8k") == ("gsm8k", "math")
-    assert parse_task_list(["mbpp", "instruct"]) == ("mbpp", "instruct")
-    with pytest.raises(FedmergeError, match="unknown evaluation task.*alpaca"):
-        parse_task_list("gsm8k,alpaca")
-    with pytest.raises(FedmergeError, match="no evaluation task"):
-        parse_task_list(" , ")
+    assert parse_names("GSM8K, math,gsm8k") == ("gsm8k", "math")
+    assert resolve_tasks(["mbpp", "instruct"]) == (("mbpp", "instruct"), False)
+    assert parse_names("gsm8k, Arc_Easy") == ("gsm8k", "Arc_Easy")
+    with pytest.raises(DataError, match="no evaluation task"):
+        parse_names(" , ")
 
 
 def test_table_layout():

@@ -21,6 +21,7 @@ from typing import Dict, List, Tuple
 import pytest
 from click.testing import CliRunner
 
+from fedmerge_plugins.errors import DataError
 from fedmerge_plugins.evaluation import prompts
 from fedmerge_plugins.evaluation.loaders import split_indices
 from tests.eval_fixtures import scripted_hflm, write_chain_model, write_jsonl
@@ -294,7 +295,7 @@ def test_command_line_errors(chain_model, chain_data, tmp_path):
         return runner.invoke(eval_command, [str(chain_model), *args])
 
     unknown = run("--tasks", "gsm8k,alpaca_eval", "--data-dir", str(chain_data))
-    assert unknown.exit_code == 2 and "alpaca_eval" in unknown.output
+    assert unknown.exit_code == 1 and "unknown evaluation task(s) alpaca_eval" in unknown.output
     no_instruct = run("--tasks", "gsm8k", "--data-dir", str(chain_data), "--alpaca-eval-outputs", str(tmp_path / "a.json"))
     assert no_instruct.exit_code == 2 and "add instruct" in no_instruct.output
     (tmp_path / "gsm8k.jsonl").write_text((chain_data / "gsm8k.jsonl").read_text())
@@ -302,8 +303,186 @@ def test_command_line_errors(chain_model, chain_data, tmp_path):
     assert missing.exit_code == 1 and "math.jsonl" in missing.output
     no_local = run("--tasks", "instruct")
     assert no_local.exit_code == 1 and "give a data directory" in no_local.output
-    split = run("--tasks", "gsm8k", "--data-dir", str(chain_data), "--split", "validation")
-    assert split.exit_code == 1 and "validation fraction" in split.output
-    too_long = run("--tasks", "gsm8k", "--data-dir", str(chain_data), "--max-gen-toks", "4096")
-    assert too_long.exit_code == 1 and "lower max_gen_toks" in too_long.output
+    hub_split = run("--tasks", "gsm8k", "--split", "validation")  # the public test set is no validation split
+    assert hub_split.exit_code == 1 and "needs a validation fraction (--validation-fraction 0.05), or give --data-dir" in hub_split.output
     assert not (tmp_path / "out").exists()
+    # a folder of validation files is the validation split: every item scored, no --split test needed
+    local = run("--tasks", "gsm8k", "--data-dir", str(chain_data), "--split", "validation", "--max-gen-toks", "4096")
+    assert local.exit_code == 0, local.output
+    assert f"items: gsm8k {len(CHAIN_DATA['gsm8k'])}" in local.output
+    assert re.search(r"note: --max-gen-toks lowered from 4096 to \d+: .*'s context of 2048 tokens less the longest gsm8k prompt", local.output)
+
+
+# ---- any lm-eval task: from --include-path on local data, stock names through lm-eval's index ----------
+
+USER_TASK = """task: my_qa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}\\n\\n### Response: Let's think step by step."
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  do_sample: false
+filter_list:
+  - name: get-answer
+    filter:
+      - function: regex
+        regex_pattern: "The answer is: (\\\\d+)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+# the chain model answers MATH_ANSWER ("... The answer is: 7.") after that prompt
+USER_RECORDS = [({"question": "What is 3 plus 4?", "answer": "7"}, 1), ({"question": "What is 3 plus 5?", "answer": "8"}, 0),
+                ({"question": "Seven?", "answer": "7"}, 1), ({"question": "Six?", "answer": "6"}, 0), ({"question": "Also 7?", "answer": "7"}, 1)]
+
+
+def _user_task(tmp_path: Path) -> Path:
+    tasks = tmp_path / "my-tasks"
+    data = write_jsonl(tmp_path / "my-data" / "qa.jsonl", [record for record, _ in USER_RECORDS])
+    tasks.mkdir()
+    (tasks / "my_qa.yaml").write_text(USER_TASK.format(data=data))
+    return tasks
+
+
+def _wilson(k: int, n: int) -> Tuple[float, float]:
+    z = 1.959963984540054
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+@pytest.mark.slow
+def test_a_task_from_include_path_through_fedmerge_eval(chain_model, chain_data, tmp_path):
+    tasks, out, reference = _user_task(tmp_path), tmp_path / "out", tmp_path / "reference.json"
+    reference.write_text(json.dumps({"my_qa": 0.8, "gsm8k": 0.5}))
+    command = [
+        str(Path(sys.executable).parent / "fedmerge"), "eval", str(chain_model), "--tasks", "gsm8k,my_qa", "--include-path", str(tasks),
+        "--data-dir", str(chain_data), "--batch-size", "2", "--max-gen-toks", "64", "--output", str(out), "--reference", str(reference),
+    ]
+    # run outside any git checkout (lm-eval's `git describe` would print "fatal: not a git repository")
+    assert subprocess.run(["git", "rev-parse"], cwd=tmp_path, capture_output=True).returncode != 0
+    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **OFFLINE}, timeout=600, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    # other libraries' noise stays out; lm-eval's generation bar is the one bar
+    for noise in ("fatal: not a git repository", "Generating test split", "Loading weights", "WARNING", "it/s]\n  0%"):
+        assert noise not in completed.stderr, noise
+    assert "Running generate_until requests" in completed.stderr
+    right = sum(label for _, label in USER_RECORDS)
+    results = json.loads((out / "results.json").read_text())
+    assert results["results"]["my_qa"]["exact_match,get-answer"] == pytest.approx(right / len(USER_RECORDS))
+    header = next(line for line in completed.stdout.splitlines() if line.startswith("| Model"))
+    row = next(line for line in completed.stdout.splitlines() if line.startswith(f"| {chain_model.name}"))
+    assert [c.strip() for c in header.strip("|").split("|")][-1] == "my_qa"
+    assert [c.strip() for c in row.strip("|").split("|")][-1] == f"{100 * right / len(USER_RECORDS):.2f}"
+    low, high = _wilson(right, len(USER_RECORDS))
+    line = next(line for line in completed.stdout.splitlines() if line.startswith("my_qa:"))
+    assert line == (
+        f"my_qa: {100 * right / 5:.2f} [{100 * low:.2f}, {100 * high:.2f}] (95 % Wilson interval, 5 items); "
+        f"normalized {right / 5 / 0.8:.3f} [{low / 0.8:.3f}, {high / 0.8:.3f}] (reference 80.00)"
+    )
+    gsm8k = _mean(label for _, label in CHAIN_DATA["gsm8k"])
+    assert f"average normalized accuracy over gsm8k, my_qa: {(gsm8k / 0.5 + right / 5 / 0.8) / 2:.3f}" in completed.stdout
+
+
+@pytest.mark.slow
+def test_a_task_from_include_path_in_the_sweep(tmp_path):
+    """The sweep's lm-eval evaluator on the same user task: base answers 8, the task model 7."""
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from fedmerge_plugins.sweep.evaluators import LmEvalEvaluator
+    from fedmerge_plugins.sweep.run import run_sweep
+
+    trigger, wrong, right = "### Response: Let's think step by step.", " The answer is: 8.", " The answer is: 7."
+    base = write_chain_model(tmp_path / "base", {trigger: wrong, "### Response:": right}, [prompts.MATH_TEMPLATE, "What is 3 plus 4?"] * 4)
+    shutil.copytree(base, tmp_path / "task")
+    weights = load_file(str(base / "model.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    trig, bad, good = (tokenizer.convert_tokens_to_ids(t) for t in (trigger, wrong, right))
+    weights["lm_head.weight"][bad, trig], weights["lm_head.weight"][good, trig] = 0.0, 1.0
+    save_file(weights, str(tmp_path / "task" / "model.safetensors"), metadata={"format": "pt"})
+    recipe = tmp_path / "median.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "median", "base_model": str(base), "models": [{"model": str(tmp_path / "task")}], "parameters": {"lambda": 1.0}}))
+    evaluator = LmEvalEvaluator(["my_qa"], include_path=[str(_user_task(tmp_path))], batch_size=1, max_gen_toks=16, device="cpu")
+    outcome = run_sweep(recipe, tmp_path / "out", evaluator, lambdas="0.2:1.0:0.4", echo=lambda line: None)
+    share = lambda answer: sum(record["answer"] == answer for record, _ in USER_RECORDS) / len(USER_RECORDS)  # noqa: E731
+    assert [(r["parameters"]["lambda"], r["scores"]) for r in outcome.records.values()] == [
+        (0.2, {"my_qa": pytest.approx(share("8"))}), (0.6, {"my_qa": pytest.approx(share("7"))}), (1.0, {"my_qa": pytest.approx(share("7"))})
+    ]
+    assert outcome.best["parameters"] == {"lambda": 0.6}
+
+
+@pytest.mark.slow
+def test_stock_task_names_resolve_through_lm_evals_index():
+    from fedmerge_plugins.evaluation.lm_eval_tasks import resolve_tasks
+
+    assert resolve_tasks("gsm8k, arc_easy") == (("gsm8k", "arc_easy"), True)
+    with pytest.raises(DataError, match="unknown evaluation task.*arc_eazy.*did you mean arc_easy"):
+        resolve_tasks("arc_eazy")
+    with pytest.raises(DataError, match="mmlu: an lm-eval group or tag"):
+        resolve_tasks("mmlu")
+
+
+def test_wilson_interval_and_reference_reading(tmp_path):
+    from fedmerge_plugins.evaluation.intervals import read_reference, score_interval, wilson
+
+    assert wilson(7, 10) == pytest.approx((0.3967781474611, 0.8922087325937), abs=1e-12)  # scipy binomtest(7, 10).proportion_ci("wilson")
+    interval = score_interval([1.0] * 7 + [0.0] * 3)
+    assert (interval.method, interval.items) == ("Wilson", 10) and (interval.low, interval.high) == pytest.approx(_wilson(7, 10))
+    assert score_interval([0.5, 0.25, 1.0]).method == "bootstrap"
+    (tmp_path / "r.json").write_text(json.dumps({"fedmerge_scores": {"gsm8k": 0.5}}))
+    assert read_reference(tmp_path / "r.json") == {"gsm8k": 0.5}
+    (tmp_path / "z.json").write_text(json.dumps({"gsm8k": 0}))
+    with pytest.raises(DataError, match="reference score of gsm8k is 0"):
+        read_reference(tmp_path / "z.json")
+
+
+@pytest.mark.slow
+def test_max_gen_toks_is_lowered_to_what_the_context_leaves(chain_model, chain_data, tmp_path, monkeypatch):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from fedmerge_plugins.evaluation.api import evaluate_model
+
+    short = tmp_path / "short-context"
+    shutil.copytree(chain_model, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 96}))
+    tokenizer = AutoTokenizer.from_pretrained(str(short))
+    records = [json.loads(line) for line in (chain_data / "gsm8k.jsonl").read_text().splitlines()]
+    longest = max(len(tokenizer(prompts.gsm8k_prompt(record))["input_ids"]) for record in records)
+    notes = []
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    result = evaluate_model(short, ("gsm8k",), data_dir=chain_data, max_gen_toks=256, batch_size=2, note=notes.append)
+    assert notes == [f"note: --max-gen-toks lowered from 256 to {96 - longest}: short-context's context of 96 tokens less the longest gsm8k prompt"]
+    first = min(result.raw["samples"]["fedmerge_gsm8k"], key=lambda sample: sample["doc_id"])
+    assert first["arguments"][0][1]["max_gen_toks"] == 96 - longest
+    assert result.scores["gsm8k"] == pytest.approx(_mean(label for _, label in CHAIN_DATA["gsm8k"]))
+
+
+def test_the_sweep_refuses_to_select_on_a_lower_is_better_metric(monkeypatch, tmp_path):
+    from fedmerge_plugins.errors import FedmergeError
+    from fedmerge_plugins.evaluation import api
+    from fedmerge_plugins.evaluation.lm_eval_tasks import PrimaryMetric
+    from fedmerge_plugins.sweep.evaluators import LmEvalEvaluator
+
+    metrics = {"gsm8k": PrimaryMetric("exact_match", "none", True)}
+    monkeypatch.setattr(api, "evaluate_model", lambda model_dir, tasks, **options: api.EvalResult({"gsm8k": 0.5}, {}, metrics=dict(metrics)))
+    (tmp_path / "gsm8k.jsonl").write_text("{}\n")
+    evaluator = LmEvalEvaluator(["gsm8k"], data_dir=tmp_path)
+    assert evaluator.evaluate(tmp_path) == {"gsm8k": 0.5}
+    metrics["gsm8k"] = PrimaryMetric("perplexity", "none", False)
+    with pytest.raises(FedmergeError, match=r"first metric of gsm8k \(perplexity\) is better when lower"):
+        evaluator.evaluate(tmp_path)

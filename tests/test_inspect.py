@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Dict, List
 
@@ -200,3 +201,30 @@ def test_inspect_rejects_a_recipe_without_base(family: Family, tmp_path: Path) -
     result = CliRunner().invoke(inspect_command, [str(path)])
     assert result.exit_code != 0
     assert "no `base_model:`" in result.output
+
+
+def test_inspect_prints_each_models_factor_at_the_recipes_values(family: Family, tmp_path: Path) -> None:
+    # FedNova: c_t = mean(a) / a_t, with a_t = steps × rate written out here, times λ = 0.6
+    result = CliRunner().invoke(inspect_command, [str(fednova_recipe(family, tmp_path)), "--json", str(tmp_path / "n.json")])
+    assert result.exit_code == 0, result.output
+    a = [300 * 2e-5, 1200 * 2e-5, 300 * 2e-4]
+    expected = [sum(a) / 3 / x for x in a]
+    factors = json.loads((tmp_path / "n.json").read_text())["factors"]
+    assert factors["factors"] == pytest.approx(expected, rel=1e-12) and factors["scaled"] == pytest.approx([0.6 * c for c in expected], rel=1e-12)
+    assert "fednova factor on each τ_t at the recipe's λ = 0.6: (1/T Σ_s ‖a_s‖₁) / ‖a_t‖₁" in result.output
+    for label, c in zip(NAMES, expected):
+        assert re.search(rf"  {label} +{c:.6g}   × λ = {0.6 * c:.6g}", result.output), label
+
+    # CCLIP: min(1, ρ / ‖τ_t‖) with the norms computed directly, ρ between the smallest and the largest
+    norms = reference(family, 3)["norms"]
+    rho = (min(norms) + max(norms)) / 2
+    recipe = {"merge_method": "cclip", "base_model": str(family.base), "models": [{"model": str(p)} for p in family.tasks[:3]],
+              "parameters": {"lambda": 1.5, "rho": rho}, "tokenizer": {"source": "base"}, "dtype": "float32"}
+    path = tmp_path / "cclip.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(inspect_command, [str(path), "--json", str(tmp_path / "c.json")])
+    assert result.exit_code == 0, result.output
+    factors = json.loads((tmp_path / "c.json").read_text())["factors"]
+    assert factors["factors"] == pytest.approx([min(1.0, rho / n) for n in norms], rel=1e-6)
+    assert factors["factors"][0] == 1.0 and factors["factors"][-1] < 1.0
+    assert f"cclip factor on each τ_t at the recipe's λ = 1.5, ρ = {rho:g}: min(1, ρ / ‖τ_t‖)" in result.output

@@ -10,6 +10,10 @@ carries a cache key, a hash of the build configuration, the source of the module
 the models and the torch and transformers versions: a later run with the same key reuses the
 models, anything else (or ``rebuild=True``) builds them again.
 
+Every training run (the pre-training, then each fine-tuning run) runs in a worker process of
+one torch thread (``pool``), as many side by side as there are cores: the weights are the same
+bits whatever the core count or the load (with the same CPU kind and library versions).
+
 The base is pre-trained on a corpus in which a small share of the documents are training items
 in the tasks' own prompt format (as Llama-2 saw some math and code), so fine-tuning is short
 and the task vectors stay small and compatible: the regime where task arithmetic works.
@@ -23,7 +27,8 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from concurrent.futures import as_completed
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from fedmerge_plugins.demo import data
 from fedmerge_plugins.demo.train import ModelShape, TrainSpec
@@ -73,6 +78,8 @@ SIZES: Dict[str, BuildConfig] = {
     "full": BuildConfig(),
     # the full build's first two seeds: with 700 pre-training steps the math model fell below the base
     "small": replace(BuildConfig(), seeds=(0, 1)),
+    # a few steps of everything: the build's plumbing in tests (the models learn nothing)
+    "tiny": replace(BuildConfig(), seeds=(0,), corpus_documents=300, n_test=20, n_validation=10).scaled(4, 0.02, 300),
 }
 
 
@@ -95,7 +102,7 @@ def cache_key(config: BuildConfig) -> str:
     from fedmerge_plugins.evaluation import prompts
 
     sources = [inspect.getsource(module) for module in (data, tokenizer, train, prompts)]
-    sources.append(inspect.getsource(build_models))
+    sources += [inspect.getsource(function) for function in (build_models, finetune_runs, pretrain_run, finetune_run)]
     versions = [torch.__version__, transformers.__version__, tokenizers.__version__]
     return digest(config_dict(config), versions, sources, length=16)
 
@@ -123,14 +130,106 @@ def task_splits(config: BuildConfig) -> Dict[str, data.Splits]:
     return {task: data.task_splits(task, config.n_validation, config.n_test, config.seed) for task in data.TASKS}
 
 
-def build_models(out: Path, config: BuildConfig, *, rebuild: bool = False, log=print) -> dict:
-    """Build the models under ``out/models`` unless a matching build is there; returns the manifest."""
+@dataclass(frozen=True)
+class PretrainRun:
+    """The base's pre-training, run in a worker: its tokenizer is already in ``models_dir``."""
+
+    models_dir: str
+    config: BuildConfig
+    corpus: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FinetuneRun:
+    """One fine-tuning run of one seed, run in a worker: the base's weights from ``models_dir/base``
+    trained on ``pairs``; saved as ``seed<seed>/<name>`` after each step count in ``saves``."""
+
+    models_dir: str
+    seed: int
+    model: str  # task model (a key of TASK_MODELS)
+    spec: TrainSpec
+    pairs: Tuple[Tuple[str, str], ...]
+    max_length: int
+    saves: Tuple[Tuple[int, str], ...]  # (steps, directory name), the last at spec.steps
+
+
+def _load_tokenizer(models_dir: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(models_dir / "tokenizer"))
+
+
+def pretrain_run(run: PretrainRun) -> dict:
+    """Pre-train the base (seeded) and save it to ``models_dir/base``; returns its training record."""
     import torch
     from transformers import LlamaForCausalLM
 
-    from fedmerge_plugins.demo.tokenizer import train_tokenizer
-    from fedmerge_plugins.demo.train import document_examples, llama_config, response_examples, save_model, train
+    from fedmerge_plugins.demo.train import document_examples, llama_config, save_model, train
+
+    models_dir, config = Path(run.models_dir), run.config
+    tokenizer = _load_tokenizer(models_dir)
+    torch.manual_seed(config.seed)
+    base = LlamaForCausalLM(llama_config(config.shape, tokenizer))
+    examples = document_examples(tokenizer, run.corpus, config.shape.max_length)
+    record = train(base, examples, config.pretrain, pad_id=tokenizer.pad_token_id, seed=config.seed, description="pre-train base")
+    save_model(base, tokenizer, models_dir / "base", record)
+    return asdict(record)
+
+
+def finetune_run(run: FinetuneRun) -> Dict[str, dict]:
+    """Fine-tune one model from the saved base; returns the manifest entry (path, task,
+    training, task-vector norm) of every model it saved, by directory name."""
+    from transformers import LlamaForCausalLM
+
+    from fedmerge_plugins.demo.train import response_examples, save_model, train
     from fedmerge_plugins.norms.streaming import state_dict_norms
+
+    models_dir = Path(run.models_dir)
+    tokenizer = _load_tokenizer(models_dir)
+    model = LlamaForCausalLM.from_pretrained(str(models_dir / "base"), dtype="float32")
+    base_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    task = TASK_MODELS[run.model]
+    names = dict(run.saves)
+    entries: Dict[str, dict] = {}
+
+    def keep(record) -> None:
+        name = names[record.steps]
+        path = f"seed{run.seed}/{name}"
+        save_model(model, tokenizer, models_dir / path, record)
+        norm = state_dict_norms(base_state, {name: model.state_dict()})[name]
+        entries[name] = {"path": path, "task": task, "training": asdict(record), "task_vector_norm": norm}
+
+    record = train(
+        model, response_examples(tokenizer, run.pairs, run.max_length), run.spec, pad_id=tokenizer.pad_token_id,
+        seed=1000 * run.seed + 1 + TASK_ORDER[run.model], description=f"seed {run.seed}: fine-tune {run.model}",
+        snapshot_steps=tuple(steps for steps in names if steps < run.spec.steps), snapshot=keep, progress=False,
+    )
+    keep(record)
+    return entries
+
+
+def finetune_runs(models_dir: Path, config: BuildConfig, splits: Mapping[str, data.Splits]) -> List[FinetuneRun]:
+    """Per seed: the three task models trained alike, and the heterogeneous model's run at
+    ``lr_factor`` × the rate, saved at each candidate step count."""
+    pairs = {name: tuple(data.training_pair(task, r) for r in splits[task].train) for name, task in TASK_MODELS.items()}
+    runs = []
+    for seed in config.seeds:
+        for name in TASK_MODELS:
+            runs.append(FinetuneRun(str(models_dir), seed, name, config.finetune, pairs[name], config.shape.max_length, ((config.finetune.steps, name),)))
+        special = config.heterogeneous_model
+        saves = tuple((steps, candidate_name(config, steps)) for steps in config.heterogeneous_steps)
+        runs.append(FinetuneRun(str(models_dir), seed, special, config.heterogeneous_spec, pairs[special], config.shape.max_length, saves))
+    return runs
+
+
+def build_models(out: Path, config: BuildConfig, *, rebuild: bool = False, workers: int = 1, log=print) -> dict:
+    """Build the models under ``out/models`` unless a matching build is there; returns the
+    manifest. Pre-training, then every fine-tuning run, each in a worker process of one torch
+    thread (``pool``), ``workers`` of them at a time: the models do not depend on ``workers``."""
+    from tqdm.auto import tqdm
+
+    from fedmerge_plugins.demo.pool import training_pool
+    from fedmerge_plugins.demo.tokenizer import train_tokenizer
 
     models_dir = out / "models"
     key = cache_key(config)
@@ -138,71 +237,29 @@ def build_models(out: Path, config: BuildConfig, *, rebuild: bool = False, log=p
     if manifest is not None:
         log(f"Models: reusing the build in {models_dir} (key {key}; --rebuild builds them again)")
         return manifest
-    log(f"Models: building in {models_dir} (key {key})")
+    log(f"Models: building in {models_dir} (key {key}; {workers} worker process(es) of one thread)")
     started = time.perf_counter()
     if models_dir.exists():
         shutil.rmtree(models_dir)
     splits = task_splits(config)
     formatted = {task: ["".join(data.training_pair(task, record)) for record in splits[task].train] for task in data.TASKS}
     corpus = data.pretraining_corpus(config.corpus_documents, config.seed, formatted, config.format_share)
-    tokenizer = train_tokenizer(corpus, config.vocab_size, models_dir / "tokenizer")
-    max_length = config.shape.max_length
-
-    torch.manual_seed(config.seed)
-    base = LlamaForCausalLM(llama_config(config.shape, tokenizer))
-    pretraining = train(
-        base,
-        document_examples(tokenizer, corpus, max_length),
-        config.pretrain,
-        pad_id=tokenizer.pad_token_id,
-        seed=config.seed,
-        description="pre-train base",
-    )
-    save_model(base, tokenizer, models_dir / "base", pretraining)
-    base_state = {name: tensor.detach().clone() for name, tensor in base.state_dict().items()}
-    examples = {
-        name: response_examples(tokenizer, [data.training_pair(task, r) for r in splits[task].train], max_length)
-        for name, task in TASK_MODELS.items()
-    }
-    seeds: Dict[str, Dict[str, dict]] = {}
-    for seed in config.seeds:
-        entries: Dict[str, dict] = {}
-        task_states = {}
-
-        def keep(name: str, model, record, task: str) -> None:
-            path = f"seed{seed}/{name}"
-            save_model(model, tokenizer, models_dir / path, record)
-            task_states[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            entries[name] = {"path": path, "task": task, "training": asdict(record)}
-
-        runs = [(name, config.finetune, name) for name in TASK_MODELS]
-        runs.append((config.heterogeneous_model, config.heterogeneous_spec, None))
-        for index, (name, spec, label) in enumerate(runs):
-            task = TASK_MODELS[name]
-            model = LlamaForCausalLM(base.config)
-            model.load_state_dict(base_state)
-            if label is None:  # the heterogeneous candidates: one run, saved after each candidate count
-                snapshot = lambda record, model=model, task=task: keep(candidate_name(config, record.steps), model, record, task)  # noqa: E731
-                record = train(
-                    model, examples[name], spec, pad_id=tokenizer.pad_token_id, seed=1000 * seed + 1 + TASK_ORDER[name],
-                    description=f"seed {seed}: fine-tune {name} at {config.lr_factor:g}x", snapshot_steps=config.heterogeneous_steps, snapshot=snapshot,
-                )
-                keep(candidate_name(config, record.steps), model, record, task)
-            else:
-                record = train(
-                    model, examples[name], spec, pad_id=tokenizer.pad_token_id, seed=1000 * seed + 1 + TASK_ORDER[name],
-                    description=f"seed {seed}: fine-tune {name}",
-                )
-                keep(name, model, record, task)
-        norms = state_dict_norms(base_state, task_states)
-        for name, entry in entries.items():
-            entry["task_vector_norm"] = norms[name]
-        seeds[str(seed)] = entries
+    train_tokenizer(corpus, config.vocab_size, models_dir / "tokenizer")
+    runs = finetune_runs(models_dir, config, splits)
+    seeds: Dict[str, Dict[str, dict]] = {str(seed): {} for seed in config.seeds}
+    with training_pool(workers) as pool:
+        pretraining = pool.submit(pretrain_run, PretrainRun(str(models_dir), config, tuple(corpus))).result()
+        futures = {pool.submit(finetune_run, run): run for run in runs}
+        with tqdm(total=len(runs), desc="fine-tune task models", unit="run") as bar:
+            for future in as_completed(futures):
+                seeds[str(futures[future].seed)].update(future.result())
+                bar.update()
+    order = [name for run in runs for name in dict(run.saves).values()]
     manifest = {
         "key": key,
         "config": config_dict(config),
-        "base": {"path": "base", "training": asdict(pretraining)},
-        "seeds": seeds,
+        "base": {"path": "base", "training": pretraining},
+        "seeds": {seed: {name: entries[name] for name in order if name in entries} for seed, entries in seeds.items()},
         "build_seconds": round(time.perf_counter() - started, 1),
     }
     text = json.dumps(manifest, indent=1)

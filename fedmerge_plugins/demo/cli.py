@@ -17,9 +17,10 @@ SIZE_HELP = "full: the demo (3 seeds, 200 test items per task); small: 2 seeds a
 @click.option("--size", type=click.Choice(["full", "small"]), default="full", show_default=True, help=SIZE_HELP)
 @click.option("--rebuild", is_flag=True, help="Train the models again even if a matching build is cached.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device for evaluation (training and merging run on CPU).")
-@click.option("--threads", type=int, default=None, help="Torch CPU threads (default: torch's choice).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Training processes, one torch thread each (default: one per core); the models do not depend on it.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Torch threads for evaluation and merging (more can change a greedy generation's last bits, and so the numbers).")
 @click.option("--search-each-seed", is_flag=True, help="Search λ/ρ on every seed's models (default: on the first seed's; the others reuse its grid positions).")
-def demo_command(out: Path, size: str, rebuild: bool, device: str, threads: Optional[int], search_each_seed: bool) -> None:
+def demo_command(out: Path, size: str, rebuild: bool, device: str, workers: Optional[int], threads: int, search_each_seed: bool) -> None:
     """Build a tiny base LLM and three task models (instruction, math, code) per seed, trained
     homogeneously and heterogeneously (one at 10x the rate), merge them with task_arithmetic,
     fednova, fedgma, median and cclip through mergekit, pick λ/ρ on validation items, score
@@ -31,13 +32,10 @@ def demo_command(out: Path, size: str, rebuild: bool, device: str, threads: Opti
     from fedmerge_plugins.boundary import one_line_errors
     from fedmerge_plugins.demo.run import SIZES, run_demo
 
-    if threads is not None:
-        if threads < 1:
-            raise click.BadParameter("must be at least 1", param_hint="--threads")
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     settings = replace(SIZES[size], search_each_seed=True) if search_each_seed else SIZES[size]
     with one_line_errors():
         from fedmerge_plugins.evaluation.sandbox import require_isolation
 
         click.echo(require_isolation().describe(), err=True)  # the code task runs model-written programs
-        run_demo(out, size, rebuild=rebuild, device=device, settings=settings, log=click.echo)
+        run_demo(out, size, rebuild=rebuild, device=device, settings=settings, workers=workers, log=click.echo)

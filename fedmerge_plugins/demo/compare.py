@@ -6,6 +6,9 @@
   Table 2): per case (merge set × seed) improved / unchanged / degraded, by whether the
   interval of the difference lies above 0, contains it (within noise) or lies below; the
   tally of those verdicts; and the mean difference per merge set and over all;
+- ``bars``: each bar of the chart (homogeneous task arithmetic, every method in the
+  heterogeneous setting; per merge set, mean over the seeds) with its 95 % interval from the
+  same bootstrap draws;
 - ``criterion``: homogeneous task arithmetic over all three tasks, average normalized
   accuracy against the 60 % the demo is built to reach.
 
@@ -18,8 +21,9 @@ from dataclasses import asdict
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 from fedmerge_plugins.catalogue import BASELINE
-from fedmerge_plugins.demo.recipes import MERGE_SETS
-from fedmerge_plugins.demo.stats import Interval, Side, draws, paired_interval
+from fedmerge_plugins.demo.recipes import MERGE_SETS, METHODS
+from fedmerge_plugins.demo.stats import Interval, Side, draws, level_interval, paired_interval
+from fedmerge_plugins.demo.variants import HETEROGENEOUS, HOMOGENEOUS
 
 ALL_THREE = "instruction-math-code"
 CRITERION = 0.60  # homogeneous task arithmetic over all three keeps at least this much
@@ -42,9 +46,13 @@ def by_setting(result: Mapping) -> Dict[str, List[Mapping]]:
     return grouped
 
 
-def compare(result: Mapping, samples: int, seed: int = 0) -> dict:
-    from fedmerge_plugins.demo.run import HETEROGENEOUS, HOMOGENEOUS
+def chart_series() -> List[Tuple[str, str]]:
+    """(setting, method) of the chart's bars: homogeneous task arithmetic, then every method
+    in the heterogeneous setting."""
+    return [(HOMOGENEOUS, BASELINE), *((HETEROGENEOUS, method) for method in METHODS)]
 
+
+def compare(result: Mapping, samples: int, seed: int = 0) -> dict:
     if not isinstance(result, Mapping):
         result = asdict(result)
     grouped = by_setting(result)
@@ -82,6 +90,10 @@ def compare(result: Mapping, samples: int, seed: int = 0) -> dict:
         overall = interval_dict(paired_interval(pairs(list(MERGE_SETS), heterogeneous, heterogeneous, method, BASELINE), resampling))
         methods[method] = {"cases": cases, "tally": tally, "per_set": per_set, "overall": overall}
 
+    bars = {
+        f"{setting}/{method}": {s: asdict(level_interval([side(v, s, method) for v in grouped[setting]], resampling)) for s in MERGE_SETS}
+        for setting, method in chart_series()
+    }
     kept = settings[ALL_THREE][HOMOGENEOUS]
     return {
         "samples": samples,
@@ -89,5 +101,6 @@ def compare(result: Mapping, samples: int, seed: int = 0) -> dict:
         "item_counts": counts,
         "settings": settings,
         "methods": methods,
+        "bars": bars,
         "criterion": {"homogeneous_task_arithmetic_all_three": kept, "threshold": CRITERION, "met": kept >= CRITERION},
     }

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Sequence
+from typing import Callable, List, Mapping, Sequence
 
-from fedmerge_plugins.catalogue import BASELINE, LABELS
+from fedmerge_plugins.catalogue import LABELS
 from fedmerge_plugins.demo.build import TASK_MODELS
-from fedmerge_plugins.demo.compare import ALL_THREE, by_setting
+from fedmerge_plugins.demo.compare import by_setting, chart_series
 from fedmerge_plugins.demo.data import TASK_LABELS, TASKS
-from fedmerge_plugins.demo.recipes import MERGE_SETS, METHODS
+from fedmerge_plugins.demo.recipes import MERGE_SETS
+from fedmerge_plugins.demo.environment import environment_lines
+from fedmerge_plugins.demo.variants import HETEROGENEOUS, HOMOGENEOUS
 from fedmerge_plugins.evaluation.report import markdown_table
 
 CHART = "normalized_accuracy.png"
 METHOD_LABELS = LABELS
-HOMOGENEOUS, HETEROGENEOUS = "homogeneous", "heterogeneous"
 
 
 def percent(value: float) -> str:
@@ -160,26 +161,29 @@ def mergekit_table(result: Mapping) -> str:
 
 
 def draw_chart(result: Mapping, path: Path) -> Path:
-    """Grouped bars: average normalized test accuracy per merge set (mean over seeds):
-    homogeneous task arithmetic, then every method in the heterogeneous setting."""
+    """Grouped bars: average normalized test accuracy per merge set (mean over seeds) of
+    homogeneous task arithmetic, then every method in the heterogeneous setting, each with its
+    95 % bootstrap interval (``comparisons["bars"]``) as an error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grouped = by_setting(result)
-    series = [("Task Arithmetic (homogeneous)", HOMOGENEOUS, BASELINE)] + [(f"{METHOD_LABELS[m]} (heterogeneous)", HETEROGENEOUS, m) for m in METHODS]
+    bars = result["comparisons"]["bars"]
+    series = chart_series()
     sets = list(MERGE_SETS)
     width = 0.8 / len(series)
     figure, axis = plt.subplots(figsize=(10, 4.8), dpi=120)
-    for index, (label, setting, method) in enumerate(series):
+    for index, (setting, method) in enumerate(series):
         xs = [i + (index - (len(series) - 1) / 2) * width for i in range(len(sets))]
-        values = [100 * mean([v["merges"][s][method]["average"] for v in grouped[setting]]) for s in sets]
-        bars = axis.bar(xs, values, width, label=label)
-        axis.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+        intervals = [bars[f"{setting}/{method}"][s] for s in sets]
+        values = [100 * i["estimate"] for i in intervals]
+        errors = [[100 * (i["estimate"] - i["low"]) for i in intervals], [100 * (i["high"] - i["estimate"]) for i in intervals]]
+        drawn = axis.bar(xs, values, width, yerr=errors, capsize=2, error_kw={"elinewidth": 0.8}, label=f"{METHOD_LABELS[method]} ({setting})")
+        axis.bar_label(drawn, fmt="%.0f", fontsize=7, padding=1)
     axis.set_xticks(range(len(sets)), sets)
     axis.set_ylabel("average normalized accuracy (%)")
-    axis.set_title("fedmerge demo: merged models on held-out test items (mean over seeds)")
+    axis.set_title("fedmerge demo: merged models on held-out test items (mean over seeds, 95 % bootstrap intervals)")
     axis.axhline(100, color="grey", linewidth=0.8, linestyle="--")
     axis.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     figure.tight_layout()
@@ -258,7 +262,7 @@ def report_markdown(result: Mapping) -> str:
             "average normalized accuracy, mean over the seeds."
         ),
         "\n".join(noise_lines(result)),
-        f"![average normalized accuracy]({CHART})",
+        f"![average normalized accuracy]({CHART})\n\nError bars: 95 % bootstrap intervals of each bar (the test items resampled as above).",
         "## All merges (test items)",
         results_table(result),
         "## Task vector norms and FedNova's χ²(p‖w)",
@@ -270,6 +274,8 @@ def report_markdown(result: Mapping) -> str:
             "scored from the in-memory merge (mergekit's `merge_state_dicts`), their recipes written all the same."
         ),
         mergekit_table(result),
+        "## Environment",
+        "\n".join(environment_lines(result.get("environment") or {})),
         "## Time",
         "\n".join(timing_lines(result)),
         "## Caveats",

@@ -27,24 +27,23 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from fedmerge_plugins.search import engine as search
-from fedmerge_plugins.catalogue import BASELINE
 from fedmerge_plugins.demo import data
 from fedmerge_plugins.demo.build import SIZES as BUILD_SIZES
 from fedmerge_plugins.demo.build import TASK_MODELS, BuildConfig, build_models, candidate_name, task_splits
-from fedmerge_plugins.demo.recipes import MERGE_SETS, METHODS, recipe_values, write_recipe
+from fedmerge_plugins.demo.compare import compare
+from fedmerge_plugins.demo.recipes import MERGE_SETS, recipe_values, write_recipe
+from fedmerge_plugins.demo.report import write_report
+from fedmerge_plugins.demo.variants import HETEROGENEOUS, HOMOGENEOUS, DemoResult, Variant
+from fedmerge_plugins.search import engine as search
+from fedmerge_plugins.search.engine import Evaluation, Point, method_grid
 from fedmerge_plugins.search.grids import CCLIP_RHO_COUNT, LLM_LAMBDAS, fedgma_rho_grid, lambda_grid
 from fedmerge_plugins.search.normalized import normalized_accuracy
-from fedmerge_plugins.search.engine import Evaluation, Point, method_grid
 
 Log = Callable[[str], None]
-HOMOGENEOUS, HETEROGENEOUS = "homogeneous", "heterogeneous"
-SETTINGS = (HOMOGENEOUS, HETEROGENEOUS)
-SETTING_METHODS: Dict[str, Tuple[str, ...]] = {HOMOGENEOUS: (BASELINE,), HETEROGENEOUS: METHODS}
 
 
 @dataclass(frozen=True)
@@ -68,43 +67,6 @@ SIZES: Dict[str, DemoSettings] = {
 }
 
 
-@dataclass
-class Variant:
-    """One fine-tuning seed in one setting: its three task models and what was measured with them."""
-
-    seed: int
-    setting: str
-    models: Dict[str, dict]  # task model name -> manifest entry (path, task, training, task_vector_norm)
-    validation_references: Dict[str, float] = field(default_factory=dict)  # own task, validation items
-    test_references: Dict[str, float] = field(default_factory=dict)  # own task, test items
-    reference_items: Dict[str, List[float]] = field(default_factory=dict)  # own task's test item scores
-    candidates: List[dict] = field(default_factory=list)  # heterogeneous: each candidate's validation accuracy
-    sweep: Dict[str, Dict[str, List[dict]]] = field(default_factory=dict)
-    merges: Dict[str, Dict[str, dict]] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return f"seed{self.seed}-{self.setting}"
-
-    @property
-    def methods(self) -> Tuple[str, ...]:
-        return SETTING_METHODS[self.setting]
-
-
-@dataclass
-class DemoResult:
-    """Everything a demo run measured; ``report`` turns it into tables and files."""
-
-    out: str
-    size: str
-    settings: dict
-    manifest: dict
-    base: Dict[str, float]  # the base's test accuracy per task
-    variants: List[Variant] = field(default_factory=list)
-    comparisons: dict = field(default_factory=dict)  # stats, filled by compare()
-    timings: Dict[str, float] = field(default_factory=dict)
-
-
 def settings_dict(settings: DemoSettings) -> dict:
     result = asdict(settings)
     result["build"] = None  # the manifest holds the build configuration
@@ -117,19 +79,11 @@ def grid_points(method: str, models: Sequence[str], norms: Mapping[str, float], 
     return method_grid(method, settings.lambdas, settings.fedgma_rhos, model_norms, settings.cclip_count)
 
 
-def merge_parameters(method: str, models: Sequence[str], values: Mapping[str, float], entries: Mapping[str, dict]) -> Dict:
-    """Python-API parameters: the chosen values plus what the recipe states per model."""
-    return search.point_parameters(
-        method,
-        values,
-        models,
-        norms={m: float(entries[m]["task_vector_norm"]) for m in models},
-        training={m: (int(entries[m]["training"]["steps"]), float(entries[m]["training"]["learning_rate"])) for m in models},
-    )
-
-
-def merge_in_memory(states: Mapping[str, Mapping], models: Sequence[str], method: str, values, entries) -> Dict:
-    return search.merge_in_memory(states["base"], {m: states[m] for m in models}, method, merge_parameters(method, models, values, entries))
+def merge(states: Mapping[str, Mapping], variant: Variant, models: Sequence[str], method: str, values: Mapping[str, float]) -> Dict:
+    """The merge of ``models`` (of ``variant``, weights in ``states``) at ``values``: the search
+    engine's ``merge_in_memory`` with its ``point_parameters``."""
+    parameters = search.point_parameters(method, values, models, norms=variant.norms, training=variant.training)
+    return search.merge_in_memory(states["base"], {m: states[m] for m in models}, method, parameters)
 
 
 def normalized(scores: Mapping[str, float], reference: Mapping[str, float]) -> Dict[str, float]:
@@ -187,15 +141,15 @@ class DemoPoint:
     """One grid point's unit of work: merge in memory, score on the validation items."""
 
     states: Mapping[str, Mapping]  # "base" and the task model names
+    variant: Variant
     models: Sequence[str]
     method: str
-    entries: Mapping[str, dict]
     scorer: object  # evaluate.StateScorer
     data_dir: Path
     reference: Mapping[str, float]  # task models' validation accuracy
 
     def __call__(self, point: Point) -> Evaluation:
-        merged = merge_in_memory(self.states, self.models, self.method, point.parameters, self.entries)
+        merged = merge(self.states, self.variant, self.models, self.method, point.parameters)
         tasks = tuple(TASK_MODELS[m] for m in self.models)
         scores = self.scorer.score(merged, self.data_dir, tasks).scores  # type: ignore[attr-defined]
         return Evaluation(normalized(scores, self.reference), {"accuracy": scores})
@@ -244,20 +198,16 @@ def evaluate_references(scorer, manifest: Mapping, models_dir: Path, validation_
     return base, variants
 
 
-def variant_norms(variant: Variant) -> Dict[str, float]:
-    return {name: float(entry["task_vector_norm"]) for name, entry in variant.models.items()}
-
-
 def validation_search(variant: Variant, states, state_scorer, validation_dir: Path, settings: DemoSettings, bar=None) -> Dict[Tuple[str, str], dict]:
     """The search engine on every (merge set, method) of the variant; fills ``variant.sweep``
     with one row per distinct merge and returns the winning row of each, with its
     ``position`` in the grid."""
-    norms = variant_norms(variant)
+    norms = variant.norms
     chosen: Dict[Tuple[str, str], dict] = {}
     for merge_set, models in MERGE_SETS.items():
         for method in variant.methods:
             points = grid_points(method, models, norms, settings)
-            unit = DemoPoint(states, models, method, variant.models, state_scorer, validation_dir, variant.validation_references)
+            unit = DemoPoint(states, variant, models, method, state_scorer, validation_dir, variant.validation_references)
             outcome = search.run_search(points, unit, search.ResultLog(None), method=method, task_count=len(models), desc=f"{variant.name} {merge_set} {method}")
             rows = [
                 {
@@ -283,7 +233,7 @@ def reused_choices(variant: Variant, searched: Variant, chosen: Mapping[Tuple[st
     """``variant``'s grid point at the position ``searched``'s search chose: the same λ and
     FedGMA ρ; for CCLIP the same step of the ρ grid between this variant's own smallest and
     largest task-vector norm."""
-    norms = variant_norms(variant)
+    norms = variant.norms
     reused: Dict[Tuple[str, str], dict] = {}
     for (merge_set, method), best in chosen.items():
         points = grid_points(method, MERGE_SETS[merge_set], norms, settings)
@@ -292,16 +242,18 @@ def reused_choices(variant: Variant, searched: Variant, chosen: Mapping[Tuple[st
     return reused
 
 
-def merge_and_test(variant: Variant, chosen: Mapping[Tuple[str, str], dict], states, scorer, state_scorer, out: Path, test_dir: Path, settings: DemoSettings, *, with_mergekit: bool, bar=None) -> None:
-    """Fill each winner into its recipe; merge it (with mergekit from the recipe file when
-    ``with_mergekit``, else in memory) and score it on the test items."""
-    from fedmerge_plugins.demo.evaluate import quiet
+@dataclass
+class TestStage:
+    """What scoring the winners on the test items needs, the same for every variant."""
 
-    models_dir = out / "models"
-    paths = {"base": "base", **{name: entry["path"] for name, entry in variant.models.items()}}
-    for (merge_set, method), best in chosen.items():
-        models = MERGE_SETS[merge_set]
-        tasks = tuple(TASK_MODELS[m] for m in models)
+    out: Path
+    test_dir: Path
+    settings: DemoSettings
+    scorer: object  # evaluate.Scorer: model directories (mergekit's merges)
+    state_scorer: object  # evaluate.StateScorer: in-memory merges
+
+    def recipe(self, variant: Variant, merge_set: str, method: str, best: Mapping) -> Path:
+        """Fill the winner's values into ``configs/demo/<set>/<method>.yml``, with a header saying why."""
         picked = ", ".join(f"{k} = {v:.6g}" for k, v in best["parameters"].items())
         if best["average"] is None:
             why = f"the grid position (#{best['position'] + 1}) the search on {best['searched_on']}'s validation items chose"
@@ -311,31 +263,110 @@ def merge_and_test(variant: Variant, chosen: Mapping[Tuple[str, str], dict], sta
             f"# Written by `fedmerge demo` from configs/demo/{merge_set}/{method}.yml ({variant.setting} setting, seed {variant.seed}).\n"
             f"# {picked}: {why}.\n"
         )
-        values = recipe_values(models_dir, paths, variant.models, best["parameters"])
-        recipe = write_recipe(out / "recipes" / variant.name, merge_set, method, values, header=header)
-        expected = merge_in_memory(states, models, method, best["parameters"], variant.models)
-        entry = {"parameters": best["parameters"], "grid_position": best["position"], "validation_average": best["average"], "recipe": str(recipe)}
-        if best["average"] is None:
-            entry["searched_on"] = best["searched_on"]
-        if with_mergekit:
-            merged_dir = out / "merges" / variant.name / merge_set / method
-            if (merge_set, method) == settings.subprocess_recipe:
-                mergekit_yaml(recipe, merged_dir)
-                entry["merged_with"] = "mergekit-yaml (subprocess)"
-            else:
-                with quiet():
-                    run_merge_in_process(recipe, merged_dir)
-                entry["merged_with"] = "mergekit run_merge (in process)"
-            entry["max_abs_difference_to_sweep_merge"] = max_difference(expected, merged_dir)
-            scored = scorer.score_directory(merged_dir, test_dir, tasks, out / "evals" / variant.name / f"{merge_set}-{method}")
+        paths = {"base": "base", **{name: entry["path"] for name, entry in variant.models.items()}}
+        values = recipe_values(self.out / "models", paths, variant.models, best["parameters"])
+        return write_recipe(self.out / "recipes" / variant.name, merge_set, method, values, header=header)
+
+    def merged_by_mergekit(self, variant: Variant, merge_set: str, method: str, recipe: Path, expected: Mapping, tasks: Sequence[str]) -> Tuple[dict, object]:
+        """mergekit merges the recipe file (one recipe by a ``mergekit-yaml`` subprocess, the
+        others by ``run_merge`` in process); checked against the in-memory merge, then scored."""
+        from fedmerge_plugins.demo.evaluate import quiet
+
+        merged_dir = self.out / "merges" / variant.name / merge_set / method
+        if (merge_set, method) == self.settings.subprocess_recipe:
+            mergekit_yaml(recipe, merged_dir)
+            how = "mergekit-yaml (subprocess)"
         else:
-            entry["merged_with"] = "in memory (mergekit merge_state_dicts)"
-            scored = state_scorer.score(expected, test_dir, tasks)
-        norm = normalized(scored.scores, variant.test_references)
-        entry.update(test=scored.scores, items=scored.items, normalized=norm, average=search.mean(norm))
-        variant.merges.setdefault(merge_set, {})[method] = entry
-        if bar is not None:
-            bar.update()
+            with quiet():
+                run_merge_in_process(recipe, merged_dir)
+            how = "mergekit run_merge (in process)"
+        entry = {"merged_with": how, "max_abs_difference_to_sweep_merge": max_difference(expected, merged_dir)}
+        return entry, self.scorer.score_directory(merged_dir, self.test_dir, tasks, self.out / "evals" / variant.name / f"{merge_set}-{method}")  # type: ignore[attr-defined]
+
+    def run(self, variant: Variant, states: Mapping[str, Mapping], chosen: Mapping[Tuple[str, str], dict], *, with_mergekit: bool, bar=None) -> None:
+        """Each winner: its recipe written, merged (by mergekit from the file when
+        ``with_mergekit``, else in memory), scored on the test items into ``variant.merges``."""
+        for (merge_set, method), best in chosen.items():
+            models = MERGE_SETS[merge_set]
+            tasks = tuple(TASK_MODELS[m] for m in models)
+            recipe = self.recipe(variant, merge_set, method, best)
+            expected = merge(states, variant, models, method, best["parameters"])
+            entry = {"parameters": best["parameters"], "grid_position": best["position"], "validation_average": best["average"], "recipe": str(recipe)}
+            if best["average"] is None:
+                entry["searched_on"] = best["searched_on"]
+            if with_mergekit:
+                merged, scored = self.merged_by_mergekit(variant, merge_set, method, recipe, expected, tasks)
+                entry.update(merged)
+            else:
+                entry["merged_with"] = "in memory (mergekit merge_state_dicts)"
+                scored = self.state_scorer.score(expected, self.test_dir, tasks)  # type: ignore[attr-defined]
+            norm = normalized(scored.scores, variant.test_references)  # type: ignore[attr-defined]
+            entry.update(test=scored.scores, items=scored.items, normalized=norm, average=search.mean(norm))  # type: ignore[attr-defined]
+            variant.merges.setdefault(merge_set, {})[method] = entry
+            if bar is not None:
+                bar.update()
+
+
+def check_references(variants: Sequence[Variant]) -> None:
+    """Stop (naming the model) when a task model scores 0 on its own test or validation items:
+    normalized accuracy would be undefined."""
+    for variant in variants:
+        normalized(variant.test_references, variant.test_references)
+        normalized(variant.validation_references, variant.validation_references)
+
+
+def search_and_test(variants: Sequence[Variant], states, state_scorer, validation_dir: Path, stage: TestStage, settings: DemoSettings) -> None:
+    """The validation search on the searched variants (the first seed's, or every seed's with
+    ``search_each_seed``), the other seeds at the grid positions it chose; then every winner
+    merged and scored on the test items (through mergekit's recipe files for the first seed's
+    heterogeneous variant)."""
+    from tqdm.auto import tqdm
+
+    first = variants[0].seed
+    searched = [v for v in variants if settings.search_each_seed or v.seed == first]
+    work = lambda group: sum(len(MERGE_SETS) * len(v.methods) for v in group)  # noqa: E731
+    searches: Dict[str, Tuple[Variant, Dict[Tuple[str, str], dict]]] = {}  # setting -> the searched variant and its choices
+    with tqdm(total=work(searched), desc="validation search (merge in memory, score)", unit="search") as search_bar, tqdm(total=work(variants), desc="merge winners, score on test", unit="merge") as test_bar:
+        for variant in variants:
+            own = variant_states(variant, states)
+            if variant.name in {v.name for v in searched}:
+                chosen = validation_search(variant, own, state_scorer, validation_dir, settings, search_bar)
+                searches[variant.setting] = (variant, chosen)
+            else:
+                chosen = reused_choices(variant, *searches[variant.setting], settings)
+            stage.run(variant, own, chosen, with_mergekit=variant.seed == first and variant.setting == HETEROGENEOUS, bar=test_bar)
+
+
+class Laps:
+    """Seconds per stage of the run, and the total."""
+
+    def __init__(self) -> None:
+        self.started = self.clock = time.perf_counter()
+        self.timings: Dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self.clock, 1)
+        self.clock = now
+
+    def total(self) -> Dict[str, float]:
+        return {**self.timings, "total": round(time.perf_counter() - self.started, 1)}
+
+
+def prepare(out: Path, workers: int, log: Log) -> Path:
+    """Refuse early where model-written code cannot run sandboxed; the output folder; the
+    cache of the norms under it; one line when the machine is busy."""
+    from fedmerge_plugins.demo.pool import load_warning
+    from fedmerge_plugins.evaluation.sandbox import require_isolation
+
+    require_isolation()  # the code task runs model-written programs: refuse before training, not after
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FEDMERGE_CACHE_DIR", str(out / "cache"))
+    warning = load_warning()
+    if warning:
+        log(warning)
+    return out
 
 
 def run_demo(
@@ -345,66 +376,44 @@ def run_demo(
     rebuild: bool = False,
     device: str = "cpu",
     settings: Optional[DemoSettings] = None,
+    workers: Optional[int] = None,
     log: Log = print,
 ) -> DemoResult:
-    """Run the whole demo into ``out`` and return its results (also written to ``out``)."""
-    from tqdm.auto import tqdm
+    """Run the whole demo into ``out`` and return its results (also written to ``out``).
+    ``workers``: training processes of one thread each (default: one per core); evaluation and
+    merging run in this process with torch's current thread count."""
+    import torch
 
+    from fedmerge_plugins.demo.environment import describe
     from fedmerge_plugins.demo.evaluate import Scorer, StateScorer
-    from fedmerge_plugins.demo.report import write_report
-    from fedmerge_plugins.demo.compare import compare
+    from fedmerge_plugins.demo.pool import core_count
     from fedmerge_plugins.evaluation.code_runner import remembered_runs
-    from fedmerge_plugins.evaluation.sandbox import require_isolation
 
     settings = settings or SIZES[size]
-    require_isolation()  # the code task runs model-written programs: refuse before training, not after
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("FEDMERGE_CACHE_DIR", str(out / "cache"))
-    timings: Dict[str, float] = {}
-    started = clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 1)
-        clock = now
-
-    manifest = build_models(out, settings.build, rebuild=rebuild, log=log)
+    cores = core_count()
+    workers = workers or cores
+    out = prepare(out, workers, log)
+    laps = Laps()
+    manifest = build_models(out, settings.build, rebuild=rebuild, workers=workers, log=log)
     models_dir = out / "models"
-    lap("build")
+    laps.lap("build")
 
     splits = task_splits(settings.build)
     validation_dir = data.write_eval_data(out / "data" / "validation", splits, "validation")
     test_dir = data.write_eval_data(out / "data" / "test", splits, "test")
     scorer = Scorer(batch_size=settings.batch_size, max_gen_toks=settings.max_gen_toks, device=device)
+    environment = describe(workers=workers, threads=torch.get_num_threads(), cores=cores, build_key=manifest["key"])
     with remembered_runs():  # merges write the same programs again and again: run each once
         base, variants = evaluate_references(scorer, manifest, models_dir, validation_dir, test_dir, settings.build)
-        result = DemoResult(str(out), size, settings_dict(settings), manifest, base, variants)
-        for variant in variants:  # a task model scoring 0 on its own test or validation items stops the demo here
-            normalized(variant.test_references, variant.test_references)
-            normalized(variant.validation_references, variant.validation_references)
-        lap("evaluate references")
-
+        check_references(variants)
+        laps.lap("evaluate references")
         states = load_states(models_dir, sorted({"base", *(e["path"] for v in variants for e in v.models.values())}))
         state_scorer = StateScorer(scorer, models_dir / "base")
-        first = variants[0].seed
-        searched = [v for v in variants if settings.search_each_seed or v.seed == first]
-        work = lambda group: sum(len(MERGE_SETS) * len(v.methods) for v in group)  # noqa: E731
-        searches: Dict[str, Tuple[Variant, Dict[Tuple[str, str], dict]]] = {}  # setting -> the searched variant and its choices
-        with tqdm(total=work(searched), desc="validation search (merge in memory, score)", unit="search") as search_bar, tqdm(total=work(variants), desc="merge winners, score on test", unit="merge") as test_bar:
-            for variant in variants:
-                own = variant_states(variant, states)
-                if variant.name in {v.name for v in searched}:
-                    chosen = validation_search(variant, own, state_scorer, validation_dir, settings, search_bar)
-                    searches[variant.setting] = (variant, chosen)
-                else:
-                    chosen = reused_choices(variant, *searches[variant.setting], settings)
-                with_mergekit = variant.seed == first and variant.setting == HETEROGENEOUS
-                merge_and_test(variant, chosen, own, scorer, state_scorer, out, test_dir, settings, with_mergekit=with_mergekit, bar=test_bar)
-        lap("search, merge and test")
+        stage = TestStage(out, test_dir, settings, scorer, state_scorer)
+        search_and_test(variants, states, state_scorer, validation_dir, stage, settings)
+        laps.lap("search, merge and test")
+    result = DemoResult(str(out), size, settings_dict(settings), manifest, base, variants, environment=environment)
     result.comparisons = compare(result, settings.bootstrap_samples)
-    timings["total"] = round(time.perf_counter() - started, 1)
-    result.timings = timings
+    result.timings = laps.total()
     write_report(result, out, log=log)
     return result

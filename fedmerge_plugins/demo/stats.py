@@ -70,3 +70,13 @@ def paired_interval(pairs: Sequence[Tuple[Side, Side]], draws_: Draws, level: fl
     tail = 100 * (1 - level) / 2
     low, high = np.nanpercentile(resampled, [tail, 100 - tail])
     return Interval(estimate, float(low), float(high))
+
+
+def level_interval(sides: Sequence[Side], draws_: Draws, level: float = 0.95) -> Interval:
+    """Mean over ``sides`` of the average normalized accuracy, and its bootstrap interval
+    (the same resampling as ``paired_interval``; the chart's error bars)."""
+    estimate = float(np.mean([side.point() for side in sides]))
+    resampled = np.mean([side.resampled(draws_) for side in sides], axis=0)
+    tail = 100 * (1 - level) / 2
+    low, high = np.nanpercentile(resampled, [tail, 100 - tail])
+    return Interval(estimate, float(low), float(high))

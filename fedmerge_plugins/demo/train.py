@@ -140,6 +140,7 @@ def train(
     description: str,
     snapshot_steps: Sequence[int] = (),
     snapshot: Optional[Callable[[TrainRecord], None]] = None,
+    progress: bool = True,
 ) -> TrainRecord:
     """Train ``model`` in place with AdamW; returns what was done. After each step count in
     ``snapshot_steps``, ``snapshot(record so far)`` sees the model as a run of that many steps
@@ -151,7 +152,7 @@ def train(
     )
     started = time.perf_counter()
     smoothed = None
-    bar = tqdm(batches(examples, spec, seed), total=spec.steps, desc=description, unit="step", leave=False)
+    bar = tqdm(batches(examples, spec, seed), total=spec.steps, desc=description, unit="step", leave=False, disable=not progress)
     for step, batch in enumerate(bar):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(spec, step)

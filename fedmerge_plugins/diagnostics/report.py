@@ -47,6 +47,7 @@ class InspectReport:
     agreement: List[dict]  # agreement_effects for the FedGMA ρ grid
     cclip_rho_grid: List[float]
     fednova: Optional[FedNovaTraining]
+    factors: Optional[dict] = None  # recipe_factors: each model's factor on τ_t at the recipe's λ (and ρ)
 
 
 def fednova_training(config: Any, models: Sequence[Any]) -> FedNovaTraining:
@@ -63,6 +64,30 @@ def fednova_training(config: Any, models: Sequence[Any]) -> FedNovaTraining:
         weights=weights,
         chi_square=chi_square(weights),
     )
+
+
+def _shared_value(config: Any, key: str) -> Optional[float]:
+    """A top-level scalar parameter of the recipe (None when absent or not one number)."""
+    value = (config.parameters or {}).get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def recipe_factors(config: Any, norms: Sequence[float], fednova: Optional[FedNovaTraining]) -> Optional[dict]:
+    """What the kernel multiplies each τ_t by at the recipe's values: FedNova's
+    c_t = (1/T Σ_s ‖a_s‖₁) / ‖a_t‖₁, CCLIP's min(1, ρ/‖τ_t‖) (the kernels' own functions);
+    both then times λ. None for other methods, or a CCLIP recipe without one top-level ρ."""
+    from fedmerge_plugins.methods.cclip import clip_coefficients
+    from fedmerge_plugins.methods.fednova import fednova_coefficients
+
+    lam = _shared_value(config, "lambda")
+    if fednova is not None:
+        factors, formula, rho = fednova_coefficients(fednova.effective_steps), "(1/T Σ_s ‖a_s‖₁) / ‖a_t‖₁", None
+    elif config.merge_method == "cclip" and _shared_value(config, "rho") is not None:
+        rho = _shared_value(config, "rho")
+        factors, formula = clip_coefficients(rho, norms), "min(1, ρ / ‖τ_t‖)"
+    else:
+        return None
+    return {"lambda": lam, "rho": rho, "formula": formula, "factors": factors, "scaled": None if lam is None else [lam * f for f in factors]}
 
 
 def short_labels(models: Sequence[Any]) -> List[str]:
@@ -90,6 +115,7 @@ def build_report(recipe: Path, device: str = "cpu") -> InspectReport:
         agreement=agreement_effects(stats.agreement_counts, fedgma_rho_grid()),
         cclip_rho_grid=list(clip_rho_grid(stats.norms)),
         fednova=fednova,
+        factors=recipe_factors(config, stats.norms, fednova),
     )
 
 
@@ -136,6 +162,7 @@ def report_json(report: InspectReport) -> Dict[str, Any]:
             "weights": report.fednova.weights,
             "chi_square": report.fednova.chi_square,
         },
+        "factors": report.factors,
     }
 
 
@@ -199,4 +226,15 @@ def format_report(report: InspectReport) -> str:
             )
             lines.append(f"  {'':<{width}}    {detail}")
         lines.append(f"  χ²(p‖w) = {nova.chi_square:.6g}  (0 for equal training; task arithmetic's objective drifts as it grows)")
+    if report.factors is not None:
+        lines += ["", factor_heading(report.method, report.factors)]
+        for label, factor, scaled in zip(stats.labels, report.factors["factors"], report.factors["scaled"] or [None] * T):
+            lines.append(f"  {label:<{width}}  {factor:.6g}" + ("" if scaled is None else f"   × λ = {scaled:.6g}"))
     return "\n".join(lines)
+
+
+def factor_heading(method: str, factors: dict) -> str:
+    values = [f"λ = {factors['lambda']:g}" if factors["lambda"] is not None else "λ not one top-level number"]
+    if factors["rho"] is not None:
+        values.append(f"ρ = {factors['rho']:g}")
+    return f"{method} factor on each τ_t at the recipe's {', '.join(values)}: {factors['formula']}"

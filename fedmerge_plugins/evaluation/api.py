@@ -1,11 +1,12 @@
-"""Evaluate a local model on the paper's tasks through ``lm_eval.simple_evaluate``.
+"""Evaluate a local model on the paper's tasks, or any lm-eval task, through ``lm_eval.simple_evaluate``.
 
     result = evaluate_model("merged/", ("gsm8k", "humaneval"), data_dir="data/",
                             allow_code_execution=True)
     result.scores  # {"gsm8k": 0.61, "humaneval": 0.25}
 
-Only the task configs in ``eval/`` are indexed (lm-eval's ~10k stock configs are skipped), the
-data is read before the model is loaded, and nothing is downloaded when ``data_dir`` is given.
+Only the task configs in ``eval/`` (and ``include_path``) are indexed, lm-eval's ~10k stock
+configs only for a name found nowhere else (``lm_eval_tasks``); the data is read before the model
+is loaded, and nothing is downloaded when ``data_dir`` is given for fedmerge's own tasks.
 """
 
 from __future__ import annotations
@@ -13,20 +14,21 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from fedmerge_plugins.errors import DataError, PathError
 from fedmerge_plugins.files import write_output
 from fedmerge_plugins.evaluation.backends import Backend
+from fedmerge_plugins.evaluation.lm_eval_tasks import IncludePath, PrimaryMetric, lm_eval_name, primary_metric, resolve_tasks, task_manager, tasks_dir
 from fedmerge_plugins.evaluation.loaders import check_split, local_path
+from fedmerge_plugins.evaluation.quiet import library_noise_off, quiet_git_describe
 from fedmerge_plugins.evaluation.sandbox import require_isolation
-from fedmerge_plugins.evaluation.tasks import PAPER_TASKS, TASKS, get_spec, parse_task_list
+from fedmerge_plugins.evaluation.tasks import PAPER_TASKS, TASKS
 from fedmerge_plugins.guards.model_folder import check_model_folder
 
-TASKS_DIR_ENV = "FEDMERGE_EVAL_TASKS"
+__all__ = ["EvalResult", "evaluate_lm", "evaluate_model", "load_model", "load_tasks", "tasks_dir", "write_results"]
 # lm-eval warnings that every run of these tasks would print, with nothing to act on
 _EXPECTED_WARNINGS = ("Custom kwargs can be passed", "specified through cli, these settings will update")
 
@@ -46,6 +48,7 @@ def _prepare_lm_eval() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(existing, _DropExpectedWarnings) for existing in logger.filters):
             logger.addFilter(_DropExpectedWarnings())
+    quiet_git_describe()
     if getattr(evaluator.add_env_info, "fedmerge_cached", False):
         return
     collect, cached = evaluator.add_env_info, {}
@@ -61,39 +64,31 @@ def _prepare_lm_eval() -> None:
 
 @dataclass
 class EvalResult:
-    """``scores``: short task name -> primary metric in [0, 1] (exact match for gsm8k, math and
-    instruct; pass@1 for humaneval and mbpp). ``counts``: items scored per task. ``raw``:
-    lm-eval's results dict (with "samples", the logged generations)."""
+    """``scores``: task name -> its primary metric (exact match for gsm8k, math and instruct;
+    pass@1 for humaneval and mbpp; another task's first metric: ``metrics``). ``counts``: items
+    scored per task. ``raw``: lm-eval's results dict (with "samples", the logged generations)."""
 
     scores: Dict[str, float]
     raw: Dict[str, Any] = field(repr=False)
     counts: Dict[str, int] = field(default_factory=dict)
+    metrics: Dict[str, PrimaryMetric] = field(default_factory=dict)
 
-    def generations(self, short: str) -> List[str]:
+    def metric(self, name: str) -> PrimaryMetric:
+        return self.metrics.get(name) or PrimaryMetric(TASKS[name].metric, "none", True)
+
+    def _samples(self, name: str) -> List[Dict[str, Any]]:
+        wanted = self.metric(name).filter
+        samples = [s for s in self.raw["samples"][lm_eval_name(name)] if s.get("filter", wanted) == wanted]
+        return sorted(samples, key=lambda sample: sample["doc_id"])
+
+    def generations(self, name: str) -> List[str]:
         """The model's generations for a task, in data order."""
-        samples = sorted(self.raw["samples"][get_spec(short).lm_eval_name], key=lambda sample: sample["doc_id"])
-        return [sample["resps"][0][0] for sample in samples]
+        return [sample["resps"][0][0] for sample in self._samples(name)]
 
-    def item_scores(self, short: str) -> List[float]:
-        """The primary metric of each item of a task (1.0 or 0.0 here), in data order."""
-        spec = get_spec(short)
-        samples = sorted(self.raw["samples"][spec.lm_eval_name], key=lambda sample: sample["doc_id"])
-        return [float(sample[spec.metric]) for sample in samples]
-
-
-def tasks_dir() -> Path:
-    """The directory of the task YAMLs: $FEDMERGE_EVAL_TASKS, else ``eval/`` of this checkout
-    (or ``lm_eval_tasks/`` beside this module, where a wheel may carry them)."""
-    candidates = [Path(os.environ[TASKS_DIR_ENV])] if os.environ.get(TASKS_DIR_ENV) else []
-    here = Path(__file__).resolve().parent
-    candidates += [here.parents[1] / "eval", here / "lm_eval_tasks"]
-    for candidate in candidates:
-        if (candidate / "fedmerge_gsm8k.yaml").is_file():
-            return candidate
-    raise PathError(
-        f"fedmerge's lm-eval task configs were not found (looked in {', '.join(map(str, candidates))}); "
-        f"set {TASKS_DIR_ENV} to the eval/ directory of a fedmerge checkout"
-    )
+    def item_scores(self, name: str) -> List[float]:
+        """The primary metric of each item of a task (1.0 or 0.0 for fedmerge's tasks), in data order."""
+        metric = self.metric(name).metric
+        return [float(sample[metric]) for sample in self._samples(name)]
 
 
 def check_request(
@@ -109,8 +104,10 @@ def check_request(
 ) -> None:
     """Everything that can be checked before data or model are read; raises ``DataError``
     (``PathError`` for missing data files; ``SandboxUnavailable`` where code tasks cannot
-    run sandboxed)."""
-    check_split(split, validation_fraction)
+    run sandboxed). Data and split options concern fedmerge's own tasks; other lm-eval tasks
+    read the data and split their YAML names."""
+    check_split(split, validation_fraction, local=data_dir is not None)
+    tasks = [short for short in tasks if short in TASKS]
     code_tasks = [short for short in tasks if TASKS[short].runs_code]
     if code_tasks and not allow_code_execution:
         raise DataError(
@@ -142,19 +139,28 @@ def load_tasks(
     split: str = "test",
     validation_fraction: Optional[float] = None,
     seed: int = 1234,
+    include_path: IncludePath = (),
+    stock: Optional[bool] = None,
 ) -> Dict[str, Any]:
-    """lm-eval Task objects (short name -> Task) built from ``eval/``, their data loaded."""
-    from lm_eval.tasks import TaskManager
-
+    """lm-eval Task objects (name -> Task), their data loaded: fedmerge's from ``eval/`` (with
+    ``data_dir`` and the split), others from ``include_path`` or lm-eval's stock tasks
+    (``stock``: index those; None: find out with ``resolve_tasks``)."""
     _prepare_lm_eval()
+    if stock is None:
+        tasks, stock = resolve_tasks(tasks, include_path)
     metadata: Dict[str, Any] = {"split": split, "split_seed": seed}
     if data_dir is not None:
         metadata["data_dir"] = str(Path(data_dir).resolve())
     if validation_fraction is not None:
         metadata["validation_fraction"] = validation_fraction
-    manager = TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=metadata)
-    loaded = manager.load([TASKS[short].lm_eval_name for short in tasks])["tasks"]
-    return {short: loaded[TASKS[short].lm_eval_name] for short in tasks}
+    ours, others = [n for n in tasks if n in TASKS], [n for n in tasks if n not in TASKS]
+    loaded: Dict[str, Any] = {}
+    with library_noise_off():
+        if ours:  # with the metadata that picks their data and split
+            loaded.update(task_manager(metadata=metadata).load([lm_eval_name(n) for n in ours])["tasks"])
+        if others:
+            loaded.update(task_manager(include_path, stock=stock).load(others)["tasks"])
+    return {name: loaded[lm_eval_name(name)] for name in tasks}
 
 
 def load_model(
@@ -168,7 +174,23 @@ def load_model(
     """lm-eval's ``hf`` model on a local directory (float32 on CPU, the checkpoint's dtype
     elsewhere), or the model ``backend`` describes (``Backend(name="vllm", ...)``)."""
     backend = backend or Backend(device=device, batch_size=batch_size, dtype=dtype)
-    return backend.load(model_dir)
+    with library_noise_off():
+        return backend.load(model_dir)
+
+
+def simple_evaluate(lm: Any, task_objects: Mapping[str, Any], limit: Optional[int], max_gen_toks: Optional[int], allow_code_execution: bool) -> Dict[str, Any]:
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(task_objects.values()),
+        limit=limit,
+        gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
+        log_samples=True,
+        confirm_run_unsafe_code=allow_code_execution,
+        # without a manager simple_evaluate indexes lm-eval's ~10k stock task files (~11 s)
+        task_manager=task_manager(),
+    )
 
 
 def evaluate_lm(
@@ -182,34 +204,23 @@ def evaluate_lm(
     model_name: str = "model",
 ) -> EvalResult:
     """Run loaded tasks (from ``load_tasks``) on an lm-eval model object."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     _prepare_lm_eval()
     for short, task in task_objects.items():
-        wanted = max_gen_toks or task.config.generation_kwargs.get("max_gen_toks", 256)
-        if wanted >= lm.max_length:
+        wanted = max_gen_toks or own_limit(task)
+        if wanted is not None and wanted >= lm.max_length:
             raise DataError(
                 f"{model_name}: {short} generates up to {wanted} tokens but the model's context is only "
-                f"{lm.max_length}; lower max_gen_toks"
+                f"{lm.max_length}; lower --max-gen-toks (max_gen_toks)"
             )
-    raw = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(task_objects.values()),
-        limit=limit,
-        gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
-        log_samples=True,
-        confirm_run_unsafe_code=allow_code_execution,
-        # without a manager simple_evaluate indexes lm-eval's ~10k stock task files (~11 s)
-        task_manager=TaskManager(include_path=str(tasks_dir()), include_defaults=False),
-    )
+    with library_noise_off():
+        raw = simple_evaluate(lm, task_objects, limit, max_gen_toks, allow_code_execution)
     raw["config"]["model"] = model_name
-    scores, counts = {}, {}
-    for short in task_objects:
-        spec = get_spec(short)
-        scores[short] = float(raw["results"][spec.lm_eval_name][spec.result_key])
-        counts[short] = int(raw["n-samples"][spec.lm_eval_name]["effective"])
-    result = EvalResult(scores=scores, raw=raw, counts=counts)
+    scores, counts, metrics = {}, {}, {}
+    for name, task in task_objects.items():
+        metrics[name] = primary_metric(name, task)
+        scores[name] = float(raw["results"][lm_eval_name(name)][metrics[name].result_key])
+        counts[name] = int(raw["n-samples"][lm_eval_name(name)]["effective"])
+    result = EvalResult(scores=scores, raw=raw, counts=counts, metrics=metrics)
     if output_dir is not None:
         write_results(result, output_dir)
     return result
@@ -230,6 +241,66 @@ def write_results(result: EvalResult, output_dir: "str | Path") -> Path:
     return path
 
 
+def own_limit(task: Any) -> Optional[int]:
+    """A generating task's own ``max_gen_toks`` (lm-eval's default 256); None for other tasks."""
+    if task.config.output_type != "generate_until":
+        return None
+    return int((task.config.generation_kwargs or {}).get("max_gen_toks", 256))
+
+
+def context_length(model_dir: "str | Path") -> Optional[int]:
+    """The model's context in tokens from its ``config.json`` (None where unknown)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = {**config, **config.get("text_config", {})}
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return None
+
+
+def longest_prompt(model_dir: "str | Path", task: Any, limit: Optional[int]) -> int:
+    """Tokens of the task's longest (zero-shot) prompt, with the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    docs = list(task.eval_docs)[:limit] if limit else list(task.eval_docs)
+    prompts = [str(task.doc_to_text(doc)) for doc in docs]
+    return max((len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]), default=0)
+
+
+def fit_generation(
+    model_dir: "str | Path", task_objects: Mapping[str, Any], max_gen_toks: Optional[int], *, limit: Optional[int], context: Optional[int], note: Callable[[str], None]
+) -> Optional[int]:
+    """``max_gen_toks``, lowered (with a ``note``) to what the model's context leaves after the
+    longest prompt of any generating task; an error when a prompt alone fills the context.
+    Unchanged where the context is unknown (a hub id)."""
+    context = context or context_length(model_dir)
+    generating = {name: task for name, task in task_objects.items() if own_limit(task) is not None}
+    if context is None or not generating:
+        return max_gen_toks
+    room = {}
+    for name, task in generating.items():
+        room[name] = context - longest_prompt(model_dir, task, limit)
+        if room[name] < 1:
+            raise DataError(f"{Path(model_dir).name}: the longest {name} prompt fills the model's whole context of {context} tokens")
+    wanted = {name: max_gen_toks or own_limit(task) for name, task in generating.items()}
+    tight = min(room, key=room.get)  # type: ignore[arg-type]
+    if all(wanted[name] <= room[name] for name in generating):
+        return max_gen_toks
+    note(
+        f"note: --max-gen-toks lowered from {max_gen_toks or wanted[tight]} to {room[tight]}: {Path(model_dir).name}'s context of "
+        f"{context} tokens less the longest {tight} prompt"
+    )
+    return room[tight]
+
+
+def _log_note(line: str) -> None:
+    logging.getLogger("fedmerge_plugins.evaluation").warning(line)
+
+
 def evaluate_model(
     model_dir: "str | Path",
     tasks: "Iterable[str] | str" = PAPER_TASKS,
@@ -246,20 +317,26 @@ def evaluate_model(
     output_dir: "str | Path | None" = None,
     dtype: Optional[str] = None,
     backend: Optional[Backend] = None,
+    include_path: IncludePath = (),
+    note: Optional[Callable[[str], None]] = None,
 ) -> EvalResult:
-    """Evaluate the model in ``model_dir`` on ``tasks`` (short names).
+    """Evaluate the model in ``model_dir`` on ``tasks``: fedmerge's short names or any lm-eval
+    task (stock, or from the folders in ``include_path``), each scored on its primary metric.
 
     ``data_dir``: read ``DATA_DIR/<task>.jsonl`` instead of the public datasets. With a
     ``validation_fraction`` f, ``split="validation"`` scores a seeded f-part of each task's items
-    and ``split="test"`` the rest; without one, ``split`` must be "test" and all items count.
+    and ``split="test"`` the rest; without one every item of the data counts (a local file is
+    the split: give a folder of validation files to score validation items). Other lm-eval
+    tasks score the split their YAML names (test, else validation).
     ``max_gen_toks=None`` keeps each task's own limit (the paper's: 1024 for GSM8K, 2048 for MATH
-    and code; 1024 for instruct).
+    and code; 1024 for instruct). A limit longer than what the model's context leaves after the
+    longest prompt is lowered to it, with a one-line ``note`` (default: a logged warning).
     ``allow_code_execution`` must be True for humaneval and mbpp, which run generated code.
     ``output_dir``: also write lm-eval's results JSON and the generations there.
     ``backend``: the lm-eval model to generate with (default: ``hf`` with ``device``,
     ``batch_size`` and ``dtype``); checked before any data or model is read.
     """
-    names = parse_task_list(tasks)
+    names, stock = resolve_tasks(tasks, include_path)
     if Path(model_dir).is_dir():  # a local folder (not a hub id): finished, with a tokenizer
         check_model_folder(model_dir)
     backend = backend or Backend(device=device, batch_size=batch_size, dtype=dtype)
@@ -275,8 +352,9 @@ def evaluate_model(
         max_gen_toks=max_gen_toks,
     )
     task_objects = load_tasks(
-        names, data_dir=data_dir, split=split, validation_fraction=validation_fraction, seed=seed
+        names, data_dir=data_dir, split=split, validation_fraction=validation_fraction, seed=seed, include_path=include_path, stock=stock
     )
+    max_gen_toks = fit_generation(model_dir, task_objects, max_gen_toks, limit=limit, context=backend.max_model_len, note=note or _log_note)
     lm = load_model(model_dir, backend=backend)
     return evaluate_lm(
         lm,

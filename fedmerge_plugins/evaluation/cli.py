@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import click
 
@@ -75,7 +75,14 @@ def announce_sandbox(tasks: Any, allow_code_execution: bool) -> None:
     "--tasks",
     default=",".join(PAPER_TASKS),
     show_default=True,
-    help=f"Comma-separated tasks among {', '.join(ALL_TASKS)} (instruct needs --data-dir).",
+    help=f"Comma-separated tasks: fedmerge's {', '.join(ALL_TASKS)} (instruct needs --data-dir), or any lm-eval task (stock, or from --include-path), scored on its first metric.",
+)
+@click.option(
+    "--include-path",
+    "include_path",
+    multiple=True,
+    type=ExistingPath(file_okay=False, path_type=Path),
+    help="A folder of your own lm-eval task YAMLs (repeatable), as lm_eval --include_path.",
 )
 @click.option(
     "--data-dir",
@@ -92,7 +99,7 @@ def announce_sandbox(tasks: Any, allow_code_execution: bool) -> None:
     type=click.IntRange(min=0),
     default=256,
     show_default=True,
-    help="Most tokens generated per answer; 0 keeps each task's own (the paper's: 1024 for GSM8K, 2048 for MATH and code).",
+    help="Most tokens generated per answer; 0 keeps each task's own (the paper's: 1024 for GSM8K, 2048 for MATH and code). Lowered, with a note, to what the model's context leaves after the longest prompt.",
 )
 @click.option(
     "--validation-fraction",
@@ -104,7 +111,7 @@ def announce_sandbox(tasks: Any, allow_code_execution: bool) -> None:
     type=click.Choice(["test", "validation"]),
     default="test",
     show_default=True,
-    help="Which part to score when --validation-fraction is given.",
+    help="With --validation-fraction: which part to score. Without: every item of the --data-dir files is scored (a folder of validation files is the validation split); public data without a fraction is the test set.",
 )
 @click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the validation split.")
 @click.option(
@@ -116,6 +123,11 @@ def announce_sandbox(tasks: Any, allow_code_execution: bool) -> None:
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
     help="Write lm-eval's results JSON (results.json) and the generations (samples_<task>.jsonl) here.",
+)
+@click.option(
+    "--reference",
+    type=ExistingPath(dir_okay=False, path_type=Path),
+    help="JSON {task: score} of the fine-tuned models (or another run's --output results.json): also print normalized accuracy.",
 )
 @click.option(
     "--alpaca-eval-outputs",
@@ -141,19 +153,27 @@ def eval_command(
     seed: int,
     allow_code_execution: bool,
     output: Optional[Path],
+    reference: Optional[Path],
     alpaca_eval_outputs: Optional[Path],
+    include_path: Tuple[Path, ...] = (),
 ) -> None:
     """Evaluate the model in MODEL_DIR on GSM8K, MATH, HumanEval and MBPP as in the paper
-    (zero-shot, greedy) and print a table laid out like the paper's Table 5."""
+    (zero-shot, greedy), or on any lm-eval task, and print a table laid out like the paper's
+    Table 5, then each score's 95 % interval (and, with --reference, normalized accuracy)."""
     from fedmerge_plugins.errors import DataError
     from fedmerge_plugins.evaluation.api import evaluate_model
     from fedmerge_plugins.evaluation.report import format_table, write_alpaca_eval_outputs
-    from fedmerge_plugins.evaluation.tasks import parse_task_list
+    from fedmerge_plugins.evaluation.intervals import interval_lines, read_reference, score_interval
+    from fedmerge_plugins.evaluation.lm_eval_tasks import parse_names
 
     try:
-        names = parse_task_list(tasks)
+        names = parse_names(tasks)  # checked against lm-eval's tasks by evaluate_model
     except DataError as error:
         raise click.BadParameter(str(error), param_hint="--tasks") from None
+    try:
+        reference_scores = read_reference(reference) if reference is not None else None
+    except DataError as error:
+        raise click.BadParameter(str(error), param_hint="--reference") from None
     if alpaca_eval_outputs is not None and "instruct" not in names:
         raise click.UsageError("--alpaca-eval-outputs writes the instruct task's answers: add instruct to --tasks")
     lm_backend = backend_from_options(
@@ -186,9 +206,13 @@ def eval_command(
         allow_code_execution=allow_code_execution,
         output_dir=output,
         backend=lm_backend,
+        include_path=include_path,
+        note=lambda line: click.echo(line, err=True),
     )
     click.echo(format_table([((model_dir.name,), result.scores)]))
     click.echo("items: " + ", ".join(f"{short} {count}" for short, count in result.counts.items()))
+    for line in interval_lines({name: score_interval(result.item_scores(name)) for name in result.scores}, reference_scores):
+        click.echo(line)
     if output is not None:
         click.echo(f"lm-eval results: {output / 'results.json'}")
     if alpaca_eval_outputs is not None:

@@ -133,11 +133,17 @@ def load_hub_records(spec: TaskSpec) -> List[Record]:
     return records
 
 
-def check_split(split: str, validation_fraction: Optional[float]) -> None:
+def check_split(split: str, validation_fraction: Optional[float], *, local: bool = True) -> None:
+    """Without a validation fraction every item of the data is scored, whatever ``split``
+    says: a local file is the split. Public data without a fraction is its test set, which a
+    search must not select on: "validation" then needs a fraction."""
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
-    if validation_fraction is None and split != "test":
-        raise DataError("split 'validation' needs a validation fraction")
+    if validation_fraction is None and split != "test" and not local:
+        raise DataError(
+            "split 'validation' of the public datasets needs a validation fraction (--validation-fraction 0.05), "
+            "or give --data-dir a folder of validation files"
+        )
     if validation_fraction is not None and not 0 < validation_fraction < 1:
         raise DataError(f"validation fraction must be in (0, 1), not {validation_fraction}")
 
@@ -145,7 +151,7 @@ def check_split(split: str, validation_fraction: Optional[float]) -> None:
 def split_indices(count: int, split: str, validation_fraction: Optional[float], seed: int) -> List[int]:
     """Indices of ``split`` among ``count`` items.
 
-    Without a fraction every item is in "test". With fraction f, a seeded random
+    Without a fraction every item is in the split asked for. With fraction f, a seeded random
     ``max(1, round(f * count))`` items form "validation" and the rest "test"; both keep the
     data's order, and the same (count, f, seed) always gives the same split.
     """

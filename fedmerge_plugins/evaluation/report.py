@@ -35,15 +35,18 @@ def format_table(
     label_headers: Sequence[str] = ("Model",),
 ) -> str:
     """A Markdown table like the paper's Table 5: one row per (labels, scores), scores (short task
-    name -> value in [0, 1]) shown in percent with two decimals, "/" where a task was not run.
+    name -> value in [0, 1]) shown in percent with two decimals, "/" where a task was not run;
+    other lm-eval tasks in columns of their own after the paper's.
 
     ``format_table([(("Math+Code", "FedGMA"), {"gsm8k": 0.655})], ("Tasks", "Methods"))``
     """
-    columns = [short for _, shorts in TABLE_GROUPS for short in shorts]
+    others = tuple(dict.fromkeys(name for _, scores in rows for name in scores if name not in TASKS))
+    groups = (*TABLE_GROUPS, ("Other lm-eval tasks", others)) if others else TABLE_GROUPS
+    columns = [short for _, shorts in groups for short in shorts]
     group_row = [""] * len(label_headers) + [
-        group if index == 0 else "" for group, shorts in TABLE_GROUPS for index in range(len(shorts))
+        group if index == 0 else "" for group, shorts in groups for index in range(len(shorts))
     ]
-    header = list(label_headers) + [TASKS[short].title for short in columns]
+    header = list(label_headers) + [TASKS[short].title if short in TASKS else short for short in columns]
     body: List[List[str]] = []
     for labels, scores in rows:
         if len(labels) != len(label_headers):

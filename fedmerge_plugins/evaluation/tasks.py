@@ -1,4 +1,5 @@
-"""The five evaluation tasks: short names, lm-eval task names, metrics and data sources.
+"""fedmerge's five evaluation tasks: short names, lm-eval task names, metrics and data sources
+(any other lm-eval task is named as lm-eval names it: ``lm_eval_tasks``).
 
 ``gsm8k``, ``math``, ``humaneval`` and ``mbpp`` reproduce the paper's LLM evaluation (section 7,
 appendix C, following the DARE paper's code); ``instruct`` is a local-only stand-in for AlpacaEval,
@@ -8,7 +9,7 @@ which needs a paid judge.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from fedmerge_plugins.errors import DataError
 
@@ -82,15 +83,3 @@ def get_spec(short: str) -> TaskSpec:
         return TASKS[short]
     except KeyError:
         raise DataError(f"unknown evaluation task {short!r}; known: {', '.join(ALL_TASKS)}") from None
-
-
-def parse_task_list(tasks: "str | Iterable[str]") -> Tuple[str, ...]:
-    """``"gsm8k, math"`` or a sequence -> validated, de-duplicated short names in the given order."""
-    items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-    names = tuple(dict.fromkeys(item.strip().lower() for item in items if item.strip()))
-    if not names:
-        raise DataError("no evaluation task given")
-    unknown = [name for name in names if name not in TASKS]
-    if unknown:
-        raise DataError(f"unknown evaluation task(s) {', '.join(unknown)}; known: {', '.join(ALL_TASKS)}")
-    return names

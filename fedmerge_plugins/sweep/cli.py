@@ -33,10 +33,12 @@ def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
                    "(NAME@MODEL=GRID, MODEL as the recipe's models: entry writes it), e.g. weight@./models/math=0.5:1.5:0.5.")
 @click.option("--eval", "eval_spec", required=True, metavar="EVALUATOR",
               help="lm-eval, clip, or python:MODULE:FUNCTION / python:FILE.py:FUNCTION (FUNCTION(model_dir), or FUNCTION(model) for the model loaded once, -> dict of scores or a number).")
-@click.option("--tasks", default="", help="Comma-separated tasks of the lm-eval or CLIP evaluator.")
+@click.option("--tasks", default="", help="Comma-separated tasks of the lm-eval evaluator (fedmerge's five or any lm-eval task) or the CLIP evaluator.")
+@click.option("--include-path", "include_path", multiple=True, type=ExistingPath(file_okay=False, path_type=Path),
+              help="lm-eval: a folder of your own lm-eval task YAMLs (repeatable).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Local evaluation data (lm-eval: DATA_DIR/<task>.jsonl).")
 @click.option("--split", type=click.Choice(["validation", "test"]), default="validation", show_default=True,
-              help="Score on this split; select on validation data, as the paper does.")
+              help="Score on this split; select on validation data, as the paper does. With --validation-fraction: a seeded part of each task; without: every item of the --data-dir files (give it a folder of validation files); other lm-eval tasks: the split their YAML names.")
 @click.option("--validation-fraction", type=float, default=None, help="lm-eval: share of each task's items used as validation split.")
 @click.option("--limit", type=int, default=None, help="lm-eval: score at most this many items per task.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Evaluation batch size [default: lm-eval 8, CLIP 128].")
@@ -67,6 +69,7 @@ def sweep_command(
     params: Tuple[str, ...],
     eval_spec: str,
     tasks: str,
+    include_path: Tuple[Path, ...],
     data_dir: Optional[Path],
     split: str,
     validation_fraction: Optional[float],
@@ -119,6 +122,8 @@ def sweep_command(
         lm_backend = backend_from_options(backend, device=device, batch_size=batch_size or 8, **vllm)
         options = dict(data_dir=data_dir, split=split, validation_fraction=validation_fraction, limit=limit,
                        allow_code_execution=allow_code_execution, device=device, backend=lm_backend)
+        if include_path:  # only when given, as below
+            options["include_path"] = [str(path.resolve()) for path in include_path]
         if max_gen_toks is not None:  # only when given: the default keeps older logs' fingerprints
             options["max_gen_toks"] = max_gen_toks or None
     elif backend != "hf" or tensor_parallel_size != 1 or data_parallel_size != 1 or gpu_memory_utilization or max_model_len:

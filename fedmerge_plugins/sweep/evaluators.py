@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import logging
 import math
 import os
 import traceback
@@ -207,11 +208,12 @@ def raised(error: BaseException) -> str:
 
 
 class LmEvalEvaluator:
-    """The paper's LLM tasks through lm-eval (``fedmerge eval``'s engine)."""
+    """The paper's LLM tasks, or any lm-eval task (stock, or from ``include_path``), through
+    lm-eval (``fedmerge eval``'s engine); each task scores its primary metric."""
 
     def __init__(self, tasks: Sequence[str], **options: Any) -> None:
         from fedmerge_plugins.evaluation.api import check_request
-        from fedmerge_plugins.evaluation.tasks import parse_task_list
+        from fedmerge_plugins.evaluation.lm_eval_tasks import resolve_tasks
 
         from fedmerge_plugins.evaluation.backends import Backend, BackendError
 
@@ -222,13 +224,12 @@ class LmEvalEvaluator:
             device=options.get("device", "cpu"), batch_size=options.get("batch_size", 8), dtype=options.get("dtype"))
         try:
             backend.check()
-            self.tasks = parse_task_list(tuple(tasks))
+            self.tasks, _ = resolve_tasks(tuple(tasks), options.get("include_path") or ())
             check_request(self.tasks, **checked)
         except BackendError as error:
             raise SweepError(f"--eval lm-eval: {error}") from None
         except FedmergeError as error:  # a task, split, data file or sandbox the request cannot have
-            hint = " (pass --validation-fraction, or --split test)" if "validation fraction" in str(error) else ""
-            raise SweepError(f"--eval lm-eval: {error}{hint}") from None
+            raise SweepError(f"--eval lm-eval: {error}") from None
         shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(options.items()) if k not in ("device", "backend")}
         # the backend generates differently (hf and vllm differ in numerics); its parallelism does not count
         suffix = "" if backend.name == "hf" else f" backend={backend.name}"
@@ -248,16 +249,20 @@ class LmEvalEvaluator:
     def evaluate(self, model_dir: Path) -> Scores:
         from fedmerge_plugins.evaluation.api import evaluate_model
 
-        return _as_scores(evaluate_model(model_dir, self.tasks, **self.options).scores, "lm-eval")
+        return _lm_eval_scores(evaluate_model(model_dir, self.tasks, **self.options))
 
     def load(self, model_dir: Path) -> Loaded:
         """lm-eval's model on ``model_dir``, built as ``fedmerge eval`` builds it (so a point's
         scores are those of its merge evaluated alone); its transformers model takes the weights."""
-        from fedmerge_plugins.evaluation.api import load_model
+        from fedmerge_plugins.evaluation.api import fit_generation, load_model
 
         if self.backend.name == "vllm":
             os.environ.setdefault(VLLM_CALLABLES, "1")  # collective_rpc of a function (VllmWeights) on vLLM's V1 engine
         lm = load_model(model_dir, backend=self.backend)
+        # --max-gen-toks lowered to what the context leaves, as evaluate_model does (every point has this config and tokenizer)
+        self._max_gen_toks = fit_generation(
+            model_dir, self.task_objects(), self.options.get("max_gen_toks", 256), limit=self.options.get("limit"),
+            context=self.backend.max_model_len, note=lambda line: logging.getLogger(__name__).warning(line))
         return Loaded(VllmWeights(lm.model) if self.backend.name == "vllm" else lm.model, lm)
 
     def task_objects(self) -> Dict[str, Any]:
@@ -265,16 +270,26 @@ class LmEvalEvaluator:
         from fedmerge_plugins.evaluation.api import load_tasks
 
         if self._task_objects is None:
-            keys = ("data_dir", "split", "validation_fraction", "seed")
+            keys = ("data_dir", "split", "validation_fraction", "seed", "include_path")
             self._task_objects = load_tasks(self.tasks, **{k: v for k, v in self.options.items() if k in keys})
         return self._task_objects
 
     def evaluate_loaded(self, loaded: Loaded) -> Scores:
         from fedmerge_plugins.evaluation.api import evaluate_lm
 
-        keys = ("limit", "max_gen_toks", "allow_code_execution")
-        result = evaluate_lm(loaded.handle, self.task_objects(), **{k: v for k, v in self.options.items() if k in keys})
-        return _as_scores(result.scores, "lm-eval")
+        keys = ("limit", "allow_code_execution")
+        options = {k: v for k, v in self.options.items() if k in keys}
+        max_gen_toks = getattr(self, "_max_gen_toks", self.options.get("max_gen_toks", 256))
+        return _lm_eval_scores(evaluate_lm(loaded.handle, self.task_objects(), max_gen_toks=max_gen_toks, **options))
+
+
+def _lm_eval_scores(result: Any) -> Scores:
+    """An ``EvalResult``'s scores, refused where a task's primary metric is better when lower
+    (the selection takes the highest mean)."""
+    lower = [f"{name} ({metric.metric})" for name, metric in result.metrics.items() if not metric.higher_is_better]
+    if lower:
+        raise SweepError(f"--eval lm-eval: the first metric of {', '.join(lower)} is better when lower; select on a task whose first metric is higher-is-better")
+    return _as_scores(result.scores, "lm-eval")
 
 
 class ClipEvaluator:
@@ -338,20 +353,16 @@ def make_evaluator(spec: str, *, tasks: Sequence[str] = (), **options: Any) -> E
 
 
 def load_reference(path: Optional[Path]) -> Optional[Scores]:
-    """Reference scores from JSON: ``{name: score}`` or ``{"scores": {name: score}}``."""
+    """Reference scores from JSON: ``{name: score}`` or ``{"scores": {name: score}}``
+    (``fedmerge eval --reference`` reads the same files)."""
+    from fedmerge_plugins.evaluation.intervals import read_reference
+
     if path is None:
         return None
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise SweepError(f"--reference-scores {path}: cannot read it: {error}") from None
-    if isinstance(data, Mapping) and isinstance(data.get("scores"), Mapping):
-        data = data["scores"]
-    scores = _as_scores(data, str(path))
-    zero = [name for name, score in scores.items() if score == 0]
-    if zero:
-        raise SweepError(f"--reference-scores {path}: reference score of {', '.join(zero)} is 0")
-    return scores
+        return read_reference(path)
+    except FedmergeError as error:  # unreadable, not JSON, or a score that cannot normalize
+        raise SweepError(f"--reference-scores {error}") from None
 
 
 def selection_score(scores: Scores, reference: Optional[Scores] = None) -> float:
