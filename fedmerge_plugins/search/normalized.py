@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Mapping
 
-
 from fedmerge_plugins.errors import DataError
+
 
 def normalized_accuracy(
     scores: Mapping[str, float], reference: Mapping[str, float], undefined: Callable[[str], str]
