@@ -52,7 +52,9 @@ def machine() -> dict:
     import torch
     from importlib.metadata import version
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    from fedmerge_plugins.demo.environment import cpu_info
+
+    cpu = cpu_info()[0] or platform.processor()
     mem = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), 0)
     return {
         "cpu": cpu,

@@ -12,7 +12,7 @@ answer for each prompt, so tests control the text lm-eval then stops, logs and s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterable, Mapping
+from typing import Dict, Iterable, Mapping, Tuple
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -103,3 +103,26 @@ def write_jsonl(path: Path, records: Iterable[Mapping]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
     return path
+
+
+def write_answer_pair(folder: Path) -> Tuple[Path, Path]:
+    """Chain models whose greedy answer to the math prompt ("What is 3 plus 4?" after the
+    Alpaca template) is "The answer is: 8." (``folder/base``) or "The answer is: 7."
+    (``folder/task``: the base with one bigram moved in ``lm_head``): (base, task)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from fedmerge_plugins.evaluation import prompts
+
+    trigger, wrong, right = "### Response: Let's think step by step.", " The answer is: 8.", " The answer is: 7."
+    base = write_chain_model(folder / "base", {trigger: wrong, "### Response:": right}, [prompts.MATH_TEMPLATE, "What is 3 plus 4?"] * 4)
+    task = folder / "task"
+    shutil.copytree(base, task)
+    weights = load_file(str(base / "model.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    trig, bad, good = (tokenizer.convert_tokens_to_ids(t) for t in (trigger, wrong, right))
+    weights["lm_head.weight"][bad, trig], weights["lm_head.weight"][good, trig] = 0.0, 1.0
+    save_file(weights, str(task / "model.safetensors"), metadata={"format": "pt"})
+    return base, task

@@ -394,25 +394,15 @@ def test_a_task_from_include_path_through_fedmerge_eval(chain_model, chain_data,
 @pytest.mark.slow
 def test_a_task_from_include_path_in_the_sweep(tmp_path):
     """The sweep's lm-eval evaluator on the same user task: base answers 8, the task model 7."""
-    import shutil
-
     import yaml
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer
 
     from fedmerge_plugins.sweep.evaluators import LmEvalEvaluator
     from fedmerge_plugins.sweep.run import run_sweep
+    from tests.eval_fixtures import write_answer_pair
 
-    trigger, wrong, right = "### Response: Let's think step by step.", " The answer is: 8.", " The answer is: 7."
-    base = write_chain_model(tmp_path / "base", {trigger: wrong, "### Response:": right}, [prompts.MATH_TEMPLATE, "What is 3 plus 4?"] * 4)
-    shutil.copytree(base, tmp_path / "task")
-    weights = load_file(str(base / "model.safetensors"))
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    trig, bad, good = (tokenizer.convert_tokens_to_ids(t) for t in (trigger, wrong, right))
-    weights["lm_head.weight"][bad, trig], weights["lm_head.weight"][good, trig] = 0.0, 1.0
-    save_file(weights, str(tmp_path / "task" / "model.safetensors"), metadata={"format": "pt"})
+    base, task = write_answer_pair(tmp_path)
     recipe = tmp_path / "median.yml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "median", "base_model": str(base), "models": [{"model": str(tmp_path / "task")}], "parameters": {"lambda": 1.0}}))
+    recipe.write_text(yaml.safe_dump({"merge_method": "median", "base_model": str(base), "models": [{"model": str(task)}], "parameters": {"lambda": 1.0}}))
     evaluator = LmEvalEvaluator(["my_qa"], include_path=[str(_user_task(tmp_path))], batch_size=1, max_gen_toks=16, device="cpu")
     outcome = run_sweep(recipe, tmp_path / "out", evaluator, lambdas="0.2:1.0:0.4", echo=lambda line: None)
     share = lambda answer: sum(record["answer"] == answer for record, _ in USER_RECORDS) / len(USER_RECORDS)  # noqa: E731

@@ -324,26 +324,13 @@ def test_killed_sweep_resumes_and_winner_reproduces_bit_for_bit(family: Family, 
 def chain_world(tmp_path: Path) -> Tuple[Path, Path]:
     """Chain models (tests/eval_fixtures.py) whose greedy answer to the GSM8K prompt is "8"
     (base) or "7" (task), a one-item GSM8K file and a median recipe: (recipe, data folder)."""
-    import shutil
+    from tests.eval_fixtures import write_answer_pair, write_jsonl
 
-    from transformers import AutoTokenizer
-
-    from fedmerge_plugins.evaluation import prompts
-    from tests.eval_fixtures import write_chain_model, write_jsonl
-
-    trigger, wrong, right = "### Response: Let's think step by step.", " The answer is: 8.", " The answer is: 7."
-    corpus = [prompts.MATH_TEMPLATE, "What is 3 plus 4?"] * 4
-    base = write_chain_model(tmp_path / "base", {trigger: wrong, "### Response:": right}, corpus)
-    shutil.copytree(base, tmp_path / "task")
-    weights = load_file(str(base / "model.safetensors"))
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    trig, bad, good = (tokenizer.convert_tokens_to_ids(t) for t in (trigger, wrong, right))
-    weights["lm_head.weight"][bad, trig], weights["lm_head.weight"][good, trig] = 0.0, 1.0
-    save_file(weights, str(tmp_path / "task" / "model.safetensors"), metadata={"format": "pt"})
+    base, task = write_answer_pair(tmp_path)
     data = write_jsonl(tmp_path / "data" / "gsm8k.jsonl", [{"question": "What is 3 plus 4?", "answer": "#### 7"}]).parent
     recipe = tmp_path / "median.yml"
     recipe.write_text(yaml.safe_dump({"merge_method": "median", "base_model": str(base),
-                                      "models": [{"model": str(tmp_path / "task")}], "parameters": {"lambda": 1.0}}))
+                                      "models": [{"model": str(task)}], "parameters": {"lambda": 1.0}}))
     return recipe, data
 
 
