@@ -48,10 +48,11 @@ _CAPTURED: Optional[Dict[str, Captured]] = None  # set by capture_deltas (a merg
 
 
 @contextlib.contextmanager
-def capture_deltas() -> Iterator[Dict[str, Captured]]:
-    """While the block runs, every fedmerge kernel also records its tensor's D (by tensor name)."""
+def capture_deltas(into: Optional[Dict[str, Captured]] = None) -> Iterator[Dict[str, Captured]]:
+    """While the block runs, every fedmerge kernel also records its tensor's D (by tensor name)
+    into ``into`` (a new dict if None; a kernel records its entry before filling its D)."""
     global _CAPTURED
-    saved, _CAPTURED = _CAPTURED, {}
+    saved, _CAPTURED = _CAPTURED, ({} if into is None else into)
     try:
         yield _CAPTURED
     finally:

@@ -11,25 +11,37 @@ writes for that point's recipe. mergekit's task_arithmetic (``base + λ · Σ de
 dtype mergekit loaded the tensors in) is captured by ``TaskArithmeticCapture``, its kernel
 with D kept: the same operations, in the same order. Tensors no kernel computes (no task
 model has them, non-float buffers) are the same at every point and are not returned.
+
+In disk mode (``capture(..., on_disk=FOLDER)``, inputs too large for memory) D is not held:
+each tensor's θ₀ (as the kernel got it) and D are written to two checkpoints in ``FOLDER`` as
+the kernels compute them, and each point reads those two, one tensor at a time
+(``StoredFactors``), instead of the T + 1 inputs; the same ``Factors`` finishes both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import weakref
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
+from mergekit.io.tensor_writer import TensorWriter
 from mergekit.merge_methods.base import TensorGroup
 from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 
+from fedmerge_plugins.errors import reason
+from fedmerge_plugins.files import write_refused
 from fedmerge_plugins.methods import common
 from fedmerge_plugins.methods.common import Captured, capture_deltas, refinish
 from fedmerge_plugins.search.engine import Point
+from fedmerge_plugins.sweep.errors import SweepError
 
 TASK_ARITHMETIC = "task_arithmetic"
+PARTS = ("base", "delta")  # the two checkpoints of a group's factors on disk: θ₀ as the kernel got it, D
 
 
 def delta_key(point: Point) -> str:
@@ -95,17 +107,100 @@ def mergekit_task_arithmetic_captured() -> Iterator[None]:
         registry._METHODS[TASK_ARITHMETIC] = original
 
 
+class FactorFiles(dict):
+    """The kernels' record under ``capture`` in disk mode: each tensor's factors written to two
+    checkpoints under ``folder`` as soon as that tensor is done, θ₀ as the kernel got it to
+    ``folder/base`` and D to ``folder/delta`` (mergekit's ``TensorWriter``, one tensor a shard).
+    A kernel records its entry before filling its D, and mergekit's ``Executor`` runs one task at
+    a time, so an entry is complete once the next one is recorded; ``close`` writes the last."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+        self.methods: Dict[str, str] = {}
+        self.shapes: Dict[str, torch.Size] = {}
+        self.device = "cpu"
+        with _writing(folder):
+            self.writers = {part: TensorWriter(str(folder / part), max_shard_size=1) for part in PARTS}
+
+    def __setitem__(self, name: str, captured: Captured) -> None:
+        self.write_out()
+        super().__setitem__(name, captured)
+
+    def write_out(self) -> None:
+        with _writing(self.folder):
+            for name, captured in self.items():
+                self.writers["base"].save_tensor(name, captured.base)
+                self.writers["delta"].save_tensor(name, captured.delta)
+                self.methods[name], self.shapes[name], self.device = captured.method, captured.base.shape, str(captured.delta.device)
+        self.clear()
+
+    def close(self) -> "StoredFactors":
+        self.write_out()
+        with _writing(self.folder):
+            for writer in self.writers.values():
+                writer.finalize()
+        return StoredFactors(self.folder, self.methods, self.device)
+
+
+class StoredFactors(Mapping[str, Captured]):
+    """The factors ``FactorFiles`` wrote, read back one tensor per lookup (mergekit's
+    ``LazyTensorLoader``: two checkpoints read per point); ``remove`` (or this object's end,
+    the process's included) removes the folder."""
+
+    def __init__(self, folder: Path, methods: Dict[str, str], device: str) -> None:
+        from mergekit.io.lazy_tensor_loader import LazyTensorLoader
+
+        self.folder, self.methods, self.device = folder, methods, device
+        self.loaders = {part: LazyTensorLoader.from_disk(str(folder / part)) for part in PARTS} if methods else {}
+        self.remove = weakref.finalize(self, _remove, folder, list(self.loaders.values()))
+
+    def __getitem__(self, name: str) -> Captured:
+        method = self.methods[name]
+        base, delta = (self.loaders[part].get_tensor(name, device=self.device) for part in PARTS)
+        return Captured(base, delta, method)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.methods)
+
+    def __len__(self) -> int:
+        return len(self.methods)
+
+
+def _remove(folder: Path, loaders: List[Any]) -> None:
+    for loader in loaders:
+        loader.flush()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _writing(folder: Path) -> Iterator[None]:
+    """A disk refusing the factors' write: one line naming their folder."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        if not write_refused(error):
+            raise
+        cause = reason(error) if isinstance(error, OSError) else str(error)
+        raise SweepError(f"cannot write the factors (θ₀ and D) in {folder}: {cause}") from error
+
+
 @dataclass
 class Factors:
-    """The captured D of every computed tensor of one group of points, and mergekit's output dtypes."""
+    """The captured D of every computed tensor of one group of points, and mergekit's output
+    dtypes: ``captured`` is a dict in memory, ``StoredFactors`` on disk (read one tensor at a time)."""
 
-    captured: Dict[str, Captured]
+    captured: Mapping[str, Captured]
     out_dtypes: Dict[str, Optional[torch.dtype]]
+    shapes: Dict[str, torch.Size]  # each tensor's shape, known without reading it
 
-    def tensor(self, name: str, lam: float, out: Optional[torch.Tensor] = None, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def tensor(self, name: str, lam: float, out: Optional[torch.Tensor] = None, scratch: Optional[torch.Tensor] = None,
+               captured: Optional[Captured] = None) -> torch.Tensor:
         """Tensor ``name`` merged at ``lam`` (written into ``out`` where its dtype is the output's;
-        ``scratch``: refinish's buffer)."""
-        captured = self.captured[name]
+        ``scratch``: refinish's buffer; ``captured``: its factors, if already read)."""
+        captured = self.captured[name] if captured is None else captured
         dtype = self.out_dtypes.get(name)
         direct = out is not None and out.dtype == captured.base.dtype and (dtype is None or dtype == out.dtype) \
             and out.is_contiguous() and out.shape == captured.base.shape and out.device == captured.base.device
@@ -124,24 +219,30 @@ class Factors:
     def write(self, lam: float, targets: Dict[str, torch.Tensor]) -> None:
         """Every computed tensor at ``lam`` into ``targets[name]`` (a model's parameters), in place:
         straight into it where it has the output's dtype, else through mergekit's casts and a copy."""
-        largest = max((c.delta.numel() for c in self.captured.values()), default=0)
-        first = next(iter(self.captured.values()), None)
-        scratch = None if first is None else torch.empty(largest, dtype=first.delta.dtype, device=first.delta.device)
+        largest = max((shape.numel() for shape in self.shapes.values()), default=0)
+        scratch = None
         for name in self.captured:
+            captured = self.captured[name]  # on disk: this tensor's θ₀ and D read
+            if scratch is None:
+                scratch = torch.empty(largest, dtype=captured.delta.dtype, device=captured.delta.device)
             target = targets[name].data
-            tensor = self.tensor(name, lam, target, scratch)
+            tensor = self.tensor(name, lam, target, scratch, captured)
             if tensor is not target:
                 target.copy_(tensor)
 
-    @property
-    def delta_bytes(self) -> int:
-        return sum(c.delta.numel() * c.delta.element_size() for c in self.captured.values())
+    def release(self) -> None:
+        """Give the factors up (on disk: their folder is removed)."""
+        if isinstance(self.captured, StoredFactors):
+            self.captured.remove()
 
 
-def capture(config: Any, options: Any, write_to: Optional[Path] = None) -> Factors:
+def capture(config: Any, options: Any, write_to: Optional[Path] = None, on_disk: Optional[Path] = None) -> Factors:
     """Plan ``config`` (a checked ``MergeConfiguration``) in memory and record every D; with
     ``write_to``, mergekit's own ``run_merge`` also writes the merge there (config, tokenizer
-    and weights: what ``mergekit-yaml`` writes) while D is recorded.
+    and weights: what ``mergekit-yaml`` writes) while D is recorded; with ``on_disk`` (a new
+    folder), each tensor's factors are written there as soon as it is computed
+    (``FactorFiles``) and read back one tensor at a time (the folder is removed when the
+    factors are released, or at once if the capture fails).
 
     The plan is ``plan_to_disk``'s, whose save tasks name each tensor's merge task and
     output dtype; only the merge tasks run (nothing is written). (mergekit 0.1.5's
@@ -160,13 +261,21 @@ def capture(config: Any, options: Any, write_to: Optional[Path] = None) -> Facto
     planned = MergePlanner(config, arch_info, options=options, out_model_config=out_config).plan_to_disk("unwritten")
     saves = [task for task in planned if isinstance(task, SaveTensor)]
     out_dtypes = {save.tensor_name: dtype_from_name(save.dtype) if save.dtype else None for save in saves}
-    with capture_deltas() as captured, mergekit_task_arithmetic_captured():
-        if write_to is not None:
-            run_merge(config, str(write_to), options=options)
-        else:
-            device = options.device
-            executor = Executor(targets=[save.tensor_task for save in saves], math_device=device,
-                                storage_device=device if options.low_cpu_memory else "cpu")
-            for _task, value in executor.run(quiet=True):
-                del value
-    return Factors(dict(captured), out_dtypes)
+    try:
+        record = None if on_disk is None else FactorFiles(on_disk)
+        with capture_deltas(record) as captured, mergekit_task_arithmetic_captured():
+            if write_to is not None:
+                run_merge(config, str(write_to), options=options)
+            else:
+                device = options.device
+                executor = Executor(targets=[save.tensor_task for save in saves], math_device=device,
+                                    storage_device=device if options.low_cpu_memory else "cpu")
+                for _task, value in executor.run(quiet=True):
+                    del value
+        if record is None:
+            return Factors(dict(captured), out_dtypes, {name: c.base.shape for name, c in captured.items()})
+        return Factors(record.close(), out_dtypes, record.shapes)
+    except BaseException:
+        if on_disk is not None:
+            shutil.rmtree(on_disk, ignore_errors=True)
+        raise

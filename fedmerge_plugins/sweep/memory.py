@@ -5,11 +5,15 @@ that loads a model once holds it (one merged copy), and the sweep holds the D of
 points (``factored``: θ₀ + λ·D, D in the compute dtype, float32: ``delta``). Otherwise each
 point's merge is written out (to /dev/shm where ``scratch.choose_scratch`` finds room for it,
 counted there as memory too) and the evaluator loads it (one merged copy). If these need
-more than 90% of the available memory the sweep merges each point from disk instead.
+more than 90% of the available memory the sweep merges each point from disk instead; there,
+points merged into a loaded model hold no D: each group's θ₀ and D are written to disk as
+they are computed and read back one tensor at a time, so that mode needs the loaded model
+plus one tensor's factors (``disk_needed``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -74,16 +78,37 @@ def element_size(index) -> int:
     return {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}.get(dtype, 4)
 
 
+def largest_tensor(index) -> int:
+    """Elements of a checkpoint's largest tensor, from its safetensors headers (no tensor is
+    read); for other formats an upper bound, the whole checkpoint's."""
+    from safetensors import safe_open
+
+    largest = 0
+    for path in set(index.tensor_paths.values()):
+        if not path.endswith(".safetensors"):
+            return weight_bytes(index) // element_size(index)
+        with safe_open(os.path.join(index.base_path, path), framework="pt") as handle:
+            for name in handle.keys():
+                largest = max(largest, math.prod(handle.get_slice(name).get_shape()))
+    return largest
+
+
 @dataclass
 class MemoryPlan:
     inputs: int
     merged: int
     available: int
     delta: int = 0  # one group's D, when points are merged into a loaded model
+    tensor: int = 0  # disk mode, points merged into a loaded model: one tensor's factors instead of D
 
     @property
     def needed(self) -> int:
         return self.inputs + self.merged + self.delta
+
+    @property
+    def disk_needed(self) -> int:
+        """Memory of disk mode: the one merged copy, and one tensor's factors (no D, no inputs)."""
+        return self.merged + self.tensor
 
     @property
     def fits(self) -> bool:
@@ -98,8 +123,13 @@ class MemoryPlan:
 
 
 def plan_memory(input_indices: Iterable, merged_index, available: Optional[int] = None, *, factored: bool = False) -> MemoryPlan:
-    """``factored``: the points are merged into a loaded model from one D at a time (float32)."""
+    """``factored``: the points are merged into a loaded model from one D at a time (float32);
+    in disk mode from one tensor's factors at a time: θ₀ and D of the tensor being written and
+    of the one being computed (``factored.FactorFiles``), or of the tensor being merged and
+    its float32 working copy."""
     inputs = sum(weight_bytes(index) for index in input_indices)
     merged = weight_bytes(merged_index)
-    delta = merged * 4 // element_size(merged_index) if factored else 0
-    return MemoryPlan(inputs, merged, available_memory() if available is None else available, delta)
+    size = element_size(merged_index)
+    delta = merged * 4 // size if factored else 0
+    tensor = largest_tensor(merged_index) * 2 * (size + 4) if factored else 0
+    return MemoryPlan(inputs, merged, available_memory() if available is None else available, delta, tensor)

@@ -91,7 +91,7 @@ def plan_sweep(recipe: Any, lambdas: Optional[str], rhos: Optional[str], params:
 
 def choose_mode(mode: str, plan: MemoryPlan, echo: Callable[[str], None]) -> str:
     """"memory" or "disk", saying why before anything is read."""
-    from fedmerge_plugins.sweep.memory import HEADROOM
+    from fedmerge_plugins.sweep.memory import HEADROOM, human
 
     if mode == "disk":
         echo("fedmerge sweep: merging each grid point from disk (--mode disk)")
@@ -102,9 +102,11 @@ def choose_mode(mode: str, plan: MemoryPlan, echo: Callable[[str], None]) -> str
     if mode == "memory":
         echo(f"fedmerge sweep: WARNING: {plan.describe()}, over {HEADROOM:.0%}; holding them in memory anyway (--mode memory)")
         return "memory"
+    reads = ("which reads every checkpoint once per group of points differing only in λ, writes that group's "
+             "θ₀ and D to disk and reads those two for each point (the loaded model plus one tensor's factors "
+             f"in memory: {human(plan.disk_needed)})") if plan.tensor else "which reads every checkpoint once per point"
     echo(
         f"fedmerge sweep: the models are too large to hold in memory: {plan.describe()} "
-        f"(at most {HEADROOM:.0%} is used). Falling back to merging each grid point from disk, "
-        "which reads every checkpoint once per point."
+        f"(at most {HEADROOM:.0%} is used). Falling back to merging each grid point from disk, {reads}."
     )
     return "disk"

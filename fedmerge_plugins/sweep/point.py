@@ -7,7 +7,11 @@ Two ways, chosen per sweep:
   from it (its config and tokenizer are the merge's) and the folder is removed. Every point
   then computes its tensors from the D of its group (``factored``: computed once per group
   of points that differ only in λ, one group held at a time) and copies them into the
-  loaded model in place (``param.data.copy_``): no checkpoint is written or read again.
+  loaded model in place (``param.data.copy_``): no checkpoint is written or read again. In
+  disk mode (``factors_on_disk``) the group's D is not held: its θ₀ and D are written to a
+  folder ``.factors-PID-*`` under ``out/merges`` as they are computed, each point reads
+  those two checkpoints one tensor at a time, and the folder is removed when the group
+  changes and at the end (a killed sweep's is removed by the next, ``scratch.remove_abandoned``).
 - **from a folder**: the point's recipe is merged by ``run_merge`` into a folder of its own
   under ``scratch`` (``scratch.choose_scratch``: /dev/shm or ``out/merges``), scored, and
   removed or, with ``keep_merges``, moved to ``out/merges/point-NNNN``.
@@ -47,12 +51,12 @@ def copy_into(module: Any, factors: Any, lam: float) -> None:
         module.load_weights(factors.tensors(lam))
         return
     targets = module.state_dict(keep_vars=True)
-    for name, captured in factors.captured.items():
+    for name, shape in factors.shapes.items():
         target = targets.get(name)
         if target is None:
             raise SweepError(f"the loaded model has no tensor {name}; score the points from folders (--keep-merges)")
-        if target.shape != captured.base.shape:
-            raise SweepError(f"tensor {name}: the merge has shape {tuple(captured.base.shape)}, the loaded model {tuple(target.shape)}")
+        if target.shape != shape:
+            raise SweepError(f"tensor {name}: the merge has shape {tuple(shape)}, the loaded model {tuple(target.shape)}")
     with torch.no_grad():
         factors.write(lam, targets)
 
@@ -86,6 +90,7 @@ class SweepPoint:
     norms: Dict[str, float] = field(default_factory=dict)
     workdir: str = field(default_factory=os.getcwd)
     scratch: Optional[Path] = None  # None: out/merges
+    factors_on_disk: bool = False  # disk mode: each group's θ₀ and D written under out/merges, not held
     held: Optional[_Held] = None  # made by the first in-memory point of each process
 
     @property
@@ -148,21 +153,43 @@ class SweepPoint:
             shutil.rmtree(staging, ignore_errors=True)
         return Evaluation(scores)
 
+    def _capture(self, point: Point, write_to: Optional[Path] = None) -> Any:
+        """The factors of ``point``'s group (``factored.capture``): in disk mode written to a
+        folder of this process's own under out/merges (never /dev/shm: memory is short)."""
+        from fedmerge_plugins.sweep import factored, scratch
+
+        on_disk = None
+        if self.factors_on_disk:
+            merges = Path(self.out) / "merges"
+            with user_path(merges, "write the factors (θ₀ and D) of a group of grid points in"):
+                on_disk = scratch.point_folder(merges, scratch.FACTORS)
+        return factored.capture(point_config(self.data, point), self.options, write_to=write_to, on_disk=on_disk)
+
     def _load(self, point: Point) -> _Held:
         """The evaluator's model, loaded from this point's merge (written once, its D recorded
         meanwhile, then removed)."""
-        from fedmerge_plugins.sweep.factored import capture, delta_key
+        from fedmerge_plugins.sweep.factored import delta_key
 
         name = f"point-{point.index:04d}"
         staging = self._staging(name)
         try:
-            factors = capture(point_config(self.data, point), self.options, write_to=staging / name)
-            return _Held(self.evaluator.load(staging / name), delta_key(point), factors)  # type: ignore[attr-defined]
+            factors = self._capture(point, write_to=staging / name)
+            try:
+                return _Held(self.evaluator.load(staging / name), delta_key(point), factors)  # type: ignore[attr-defined]
+            except BaseException:
+                factors.release()
+                raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def release(self) -> None:
+        """Give up the group's factors held (on disk: their folder is removed); the model stays."""
+        if self.held is not None and self.held.factors is not None:
+            self.held.factors.release()
+            self.held.factors = self.held.key = None
+
     def _in_memory(self, point: Point) -> Evaluation:
-        from fedmerge_plugins.sweep.factored import capture, delta_key
+        from fedmerge_plugins.sweep.factored import delta_key
 
         started = time.perf_counter()
         if self.held is None:
@@ -170,8 +197,8 @@ class SweepPoint:
         held = self.held
         key = delta_key(point)
         if held.key != key:
-            held.factors = held.key = None  # one group's D at a time
-            held.factors = capture(point_config(self.data, point), self.options)
+            self.release()  # one group's D at a time
+            held.factors = self._capture(point)
             held.key = key
         merged = time.perf_counter()
         copy_into(held.loaded.module, held.factors, point_lambda(self.data, point))

@@ -142,7 +142,7 @@ class _Sweep:
 
         root = None
         if self.workers.ray_address is None:
-            held = self.memory.needed if self.mode == "memory" else self.memory.merged
+            held = self.memory.needed if self.mode == "memory" else self.memory.disk_needed
             root = scratch.choose_scratch(self.out, self.memory.merged, max(1, self.workers.workers), held, self.echo,
                                           available=self.memory.available)
         for folder in {self.out / "merges", root or self.out / "merges"}:
@@ -165,10 +165,13 @@ class _Sweep:
         if done < len(points):
             self.hold_inputs()
         unit = SweepPoint(self.plan.data, self.out.resolve(), self.options, self.evaluator, self.settings.keep_merges,
-                          dict(self.loaders), keyed, scratch=scratch_root.resolve() if scratch_root is not None else None)
+                          dict(self.loaders), keyed, scratch=scratch_root.resolve() if scratch_root is not None else None,
+                          factors_on_disk=self.mode == "disk")
         if unit.in_memory:
-            self.echo("fedmerge sweep: each point merged into one loaded model (λ applied to a D computed once per group)")
+            stored = f"; θ₀ and D written to {self.out / 'merges'} once per group, read back per point" if unit.factors_on_disk else ""
+            self.echo(f"fedmerge sweep: each point merged into one loaded model (λ applied to a D computed once per group{stored})")
         groups = {key: i for i, key in enumerate(dict.fromkeys(delta_key(p) for p in points))}
+        self._stack.callback(unit.release)  # the last group's factors (on disk: their folder)
         return run_search(
             points,
             unit,

@@ -11,7 +11,8 @@ names another folder (it must exist and be writable; ``OUT`` puts them under ``O
 
 Each point's folder is ``.point-NNNN-PID-XXXX`` under the chosen root and is removed once
 scored; a process killed mid-point leaves its folder behind, and the next sweep to use that
-root removes the folders of processes that are gone.
+root removes the folders of processes that are gone. So it does ``.factors-PID-XXXX`` under
+``OUT/merges``: in disk mode, the θ₀ and D of the group of points being scored.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ ENV = "FEDMERGE_SCRATCH_DIR"
 SHM = Path("/dev/shm")
 IN_OUT = "OUT"  # FEDMERGE_SCRATCH_DIR=OUT: stage under OUT/merges
 MARGIN = 1.1  # room asked of a scratch file system per merged copy
-POINT_FOLDER = re.compile(r"^\.point-\d+-(\d+)-")
+FACTORS = "factors"  # a group's θ₀ and D in disk mode (``factored.FactorFiles``), always under OUT/merges
+POINT_FOLDER = re.compile(r"^\.(?:point-\d+|factors)-(\d+)-")
 
 
 def _free_bytes(folder: Path) -> int:
@@ -70,7 +72,7 @@ def choose_scratch(out: Path, merged_bytes: int, copies: int, memory_needed: int
 
 
 def remove_abandoned(root: Path) -> None:
-    """Remove point folders under ``root`` left by sweep processes that are gone."""
+    """Remove point (and factor) folders under ``root`` left by sweep processes that are gone."""
     if root.is_dir():
         remove_dead(root, POINT_FOLDER)
 
