@@ -1,0 +1,149 @@
+"""Disk mode with points merged into a loaded model: each group's θ₀ and D are written once
+to ``OUT/merges/.factors-PID-*`` and each point reads those two checkpoints, not the T + 1
+inputs; every point is still, bit for bit, what mergekit writes for its recipe; the folder
+is gone after the sweep, a killed sweep's is removed by the next; a full disk is one line
+naming the folder; the memory plan counts one tensor's factors there, not D."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fedmerge_plugins.sweep.errors import SweepError
+from fedmerge_plugins.sweep.evaluators import PythonEvaluator
+from fedmerge_plugins.sweep.run import run_sweep
+from tests.conftest import BIN
+from tests.support.synthetic import Family, make_family
+from tests.test_sweep import count_reads
+
+EVALUATOR = '''
+import glob
+import os
+import signal
+from safetensors.torch import save_file
+
+SAVED = {saved!r}
+FACTORS = {factors!r}
+
+
+def from_model(model):
+    os.makedirs(SAVED, exist_ok=True)
+    index = len(glob.glob(os.path.join(SAVED, "*.safetensors")))
+    if os.environ.get("KILL_AT") and index + 1 == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    state = {{k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}}
+    save_file(state, os.path.join(SAVED, f"{{index:04d}}.safetensors"))
+    with open(os.path.join(SAVED, "factor-folders.log"), "a") as log:  # what disk mode holds while scoring
+        log.write(f"{{len(glob.glob(FACTORS))}}\\n")
+    first = next(iter(sorted(state)))
+    return {{"score": float(state[first].double().sum())}}
+'''
+
+METHODS = {
+    "task_arithmetic": ({}, {"weight": 0.7}, None),
+    "fednova": ({}, {}, None),
+    "fedgma": ({"rho": 0.5}, {}, "0.2,0.6"),
+    "median": ({}, {}, None),
+    "cclip": ({"rho": 0.05}, {}, "0.05,0.5"),
+}
+LAMBDAS = "0.5,1.0"
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    # tensors past methods.common.BLOCK (several blocks per kernel); one task model has an extra token
+    from tests.support.synthetic import llama_config
+
+    config = llama_config(hidden_size=576, intermediate_size=640, vocab_size=512, num_hidden_layers=1)
+    return make_family(tmp_path_factory.mktemp("disk-factors"), scales=(0.01, 0.02, 0.2), extra_tokens=(0, 1, 0), config=config)
+
+
+def write_recipe(family: Family, directory: Path, method: str, dtype: str) -> Path:
+    shared, per_model, _ = METHODS[method]
+    models = []
+    for index, path in enumerate(family.tasks):
+        parameters = dict(per_model)
+        if method == "fednova":
+            parameters["steps"] = 100 * (index + 1)
+        models.append({"model": str(path), **({"parameters": parameters} if parameters else {})})
+    data = {"merge_method": method, "base_model": str(family.base), "models": models,
+            "parameters": {"lambda": 1.0, **shared}, "tokenizer": {"source": "base"}, "dtype": dtype}
+    path = directory / "recipe.yml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def evaluator(directory: Path, out: Path) -> PythonEvaluator:
+    module = directory / "disk_evaluator.py"
+    module.write_text(EVALUATOR.format(saved=str(directory / "saved"), factors=str(out / "merges" / ".factors-*")))
+    return PythonEvaluator(f"python:{module}:from_model")
+
+
+def factor_folders(out: Path) -> List[Path]:
+    return sorted((out / "merges").glob(".factors-*")) if (out / "merges").is_dir() else []
+
+
+def same_bits(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[theirs.element_size()]
+    return mine.dtype == theirs.dtype and mine.shape == theirs.shape and torch.equal(mine.view(width), theirs.view(width))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_disk_mode_points_equal_mergekit_reading_two_checkpoints_per_point(
+        family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, dtype: str) -> None:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+
+    from fedmerge_plugins.sweep.grid import point_config
+    from fedmerge_plugins.sweep.merger import disk_norms, merge_options
+    from fedmerge_plugins.guards.recipe import recipe_models
+
+    recipe = write_recipe(family, tmp_path, method, dtype)
+    out = tmp_path / "out"
+    rhos = METHODS[method][2]
+    data = yaml.safe_load(recipe.read_text())
+    base, tasks = recipe_models(MergeConfiguration.model_validate(data))
+    if method == "cclip":
+        disk_norms(base, tasks)  # the norms cached first: what is counted below is the merges' reads
+    tensors, _ = count_reads(monkeypatch)
+    lines: List[str] = []
+    outcome = run_sweep(recipe, out, evaluator(tmp_path, out), lambdas=LAMBDAS, rhos=rhos, mode="disk", echo=lines.append)
+    assert outcome.mode == "disk" and any("θ₀ and D written to" in line for line in lines)
+    groups = 2 if rhos else 1
+    points = 2 * groups
+
+    inputs = {str(p) for p in (family.base, *family.tasks)}
+    input_reads = Counter({key: n for key, n in tensors.items() if key[0] in inputs})
+    factor_reads = Counter({key: n for key, n in tensors.items() if ".factors-" in key[0]})
+    assert len(input_reads) == 4 * len(family.base_tensors)
+    assert set(input_reads.values()) == {groups}  # the T + 1 inputs read once per group ...
+    parts: Dict[str, set] = {}
+    for path, name in factor_reads:
+        parts.setdefault(path, set()).add(name)
+    assert len({Path(path).parent for path in parts}) == groups and {Path(path).name for path in parts} == {"base", "delta"}
+    assert len(parts) == 2 * groups and len({frozenset(names) for names in parts.values()}) == 1  # θ₀ and D of the same tensors
+    assert set(factor_reads.values()) == {points // groups}  # ... and θ₀, D once per point of the group
+    assert (tmp_path / "saved" / "factor-folders.log").read_text().split() == ["1"] * points  # one group's folder at a time
+    assert factor_folders(out) == []  # removed at the end
+
+    order = [json.loads(line)["key"] for line in (out / "results.jsonl").read_text().splitlines()]
+    by_key = {point.key: point for point in outcome.points}
+    options = merge_options(base)
+    for index, key in enumerate(order):
+        merged = tmp_path / f"mergekit-{index}"
+        run_merge(point_config(data, by_key[key]), str(merged), options=options)
+        written = load_file(str(merged / "model.safetensors"))
+        scored = load_file(str(tmp_path / "saved" / f"{index:04d}.safetensors"))
+        assert set(written) == set(scored)
+        for name, tensor in written.items():
+            assert same_bits(scored[name], tensor), (method, dtype, key, name)
