@@ -147,3 +147,77 @@ def test_disk_mode_points_equal_mergekit_reading_two_checkpoints_per_point(
         assert set(written) == set(scored)
         for name, tensor in written.items():
             assert same_bits(scored[name], tensor), (method, dtype, key, name)
+
+
+def records_without_timing(out: Path) -> List[dict]:
+    """The log's records, less timings and the evaluator's fingerprint (its file's path)."""
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for record in records:
+        for varying in ("details", "seconds", "fingerprint"):
+            record.pop(varying, None)
+    return records
+
+
+@pytest.mark.slow
+def test_killed_disk_sweep_leaves_its_factors_the_next_run_removes_them(family: Family, tmp_path: Path) -> None:
+    """``fedmerge sweep --mode disk`` SIGKILLed scoring the first point of its second ρ group
+    leaves that group's factor folder; the same sweep again removes it before its own (one
+    folder while scoring), leaves none, and its log is the uninterrupted sweep's."""
+    recipe = write_recipe(family, tmp_path, "fedgma", "float32")
+    whole = tmp_path / "whole"
+    (tmp_path / "first").mkdir()
+    run_sweep(recipe, whole, evaluator(tmp_path / "first", whole), lambdas=LAMBDAS, rhos="0.2,0.6", mode="disk", echo=lambda line: None)
+
+    out = tmp_path / "out"
+    spec = evaluator(tmp_path, out).description
+    command = [str(BIN / "fedmerge"), "sweep", str(recipe), "--lambda", LAMBDAS, "--rho", "0.2,0.6", "--mode", "disk",
+               "--eval", spec, "--out", str(out)]
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "KILL_AT": "3"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    left = factor_folders(out)
+    assert len(left) == 1 and {p.name for p in left[0].iterdir()} == {"base", "delta"}
+    assert len(records_without_timing(out)) == 2
+
+    lines: List[str] = []
+    run_sweep(recipe, out, evaluator(tmp_path, out), lambdas=LAMBDAS, rhos="0.2,0.6", mode="disk", echo=lines.append)
+    assert any("2 already in" in line for line in lines)
+    assert not left[0].exists() and factor_folders(out) == []
+    assert (tmp_path / "saved" / "factor-folders.log").read_text().split() == ["1"] * 4  # 2 before the kill, 2 after
+    assert records_without_timing(out) == records_without_timing(whole)
+
+
+def test_full_disk_for_the_factors_is_one_line_naming_their_folder(family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.support.tmpfs import tmpfs
+
+    recipe = write_recipe(family, tmp_path, "median", "float32")
+    out = tmp_path / "out"
+    (tmp_path / "scratch").mkdir()
+    monkeypatch.setenv("FEDMERGE_SCRATCH_DIR", str(tmp_path / "scratch"))  # the first point's merge: elsewhere
+    with tmpfs(out / "merges", "64k") as merges:
+        with pytest.raises(SweepError) as raised:
+            run_sweep(recipe, out, evaluator(tmp_path, out), lambdas=LAMBDAS, mode="disk", echo=lambda line: None)
+        message = str(raised.value)
+        assert "\n" not in message and message.startswith("grid point lambda=0.5: cannot write the factors (θ₀ and D) in ")
+        assert f"{merges}/.factors-" in message and "No space left on device" in message, message
+        assert list(merges.iterdir()) == []  # the partial factors removed
+    assert not (tmp_path / "saved").exists()  # nothing scored
+
+
+def test_memory_plan_in_disk_mode_counts_the_loaded_model_and_one_tensor(family: Family) -> None:
+    from fedmerge_plugins.norms.streaming import model_index
+    from fedmerge_plugins.sweep.memory import human, plan_memory
+    from fedmerge_plugins.sweep.plan import choose_mode
+
+    from mergekit.common import ModelReference
+
+    indices = [model_index(ModelReference.parse(str(p))) for p in (family.base, *family.tasks)]
+    largest = max(t.numel() for t in family.base_tensors.values())
+    assert largest > 1 << 18
+    plan = plan_memory(indices, indices[0], available=1000, factored=True)
+    assert plan.tensor == largest * 2 * (4 + 4)  # θ₀ and D (float32) of two tensors at once
+    assert plan.disk_needed == plan.merged + plan.tensor < plan.needed  # no D, no inputs
+    lines: List[str] = []
+    assert choose_mode("auto", plan, lines.append) == "disk"
+    assert "writes that group's θ₀ and D to disk" in lines[0] and human(plan.disk_needed) in lines[0]
+    unfactored = plan_memory(indices, indices[0], available=1000)
+    assert (unfactored.delta, unfactored.tensor, unfactored.disk_needed) == (0, 0, unfactored.merged)
