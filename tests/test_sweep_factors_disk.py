@@ -221,3 +221,23 @@ def test_memory_plan_in_disk_mode_counts_the_loaded_model_and_one_tensor(family:
     assert "writes that group's θ₀ and D to disk" in lines[0] and human(plan.disk_needed) in lines[0]
     unfactored = plan_memory(indices, indices[0], available=1000)
     assert (unfactored.delta, unfactored.tensor, unfactored.disk_needed) == (0, 0, unfactored.merged)
+
+
+@pytest.mark.slow
+def test_disk_mode_on_two_ray_workers_equals_serial_and_leaves_no_factors(family: Family, tmp_path: Path) -> None:
+    """Each worker process writes its own group's factors; the driver removes every worker's
+    folder of the sweep at the end (the workers of a Ray session outlive it)."""
+    pytest.importorskip("ray")
+    from fedmerge_plugins.search.workers import LOOPBACK_ENV, WorkerSettings
+
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    recipe = write_recipe(family, tmp_path, "cclip", "bfloat16")
+    serial = run_sweep(recipe, tmp_path / "serial", evaluator(tmp_path, tmp_path / "serial"), lambdas=LAMBDAS, rhos="0.05,0.5",
+                       mode="disk", echo=lambda line: None)
+    (tmp_path / "ray").mkdir()
+    on_ray = run_sweep(recipe, tmp_path / "ray", evaluator(tmp_path / "ray", tmp_path / "ray"), lambdas=LAMBDAS, rhos="0.05,0.5",
+                       mode="disk", workers=WorkerSettings(workers=2, gpus_per_worker=0), echo=lambda line: None)
+    assert {k: r["scores"] for k, r in on_ray.records.items()} == {k: r["scores"] for k, r in serial.records.items()}
+    held = (tmp_path / "ray" / "saved" / "factor-folders.log").read_text().split()
+    assert len(held) == 4 and set(held) <= {"1", "2"}  # on disk, one folder per worker process
+    assert factor_folders(tmp_path / "ray") == [] and factor_folders(tmp_path / "serial") == []

@@ -11,7 +11,8 @@ Two ways, chosen per sweep:
   disk mode (``factors_on_disk``) the group's D is not held: its θ₀ and D are written to a
   folder ``.factors-PID-*`` under ``out/merges`` as they are computed, each point reads
   those two checkpoints one tensor at a time, and the folder is removed when the group
-  changes and at the end (a killed sweep's is removed by the next, ``scratch.remove_abandoned``).
+  changes and, by the driver, at the end (Ray workers' too: ``scratch.remove_factors``; a
+  killed sweep's by the next, ``scratch.remove_abandoned``).
 - **from a folder**: the point's recipe is merged by ``run_merge`` into a folder of its own
   under ``scratch`` (``scratch.choose_scratch``: /dev/shm or ``out/merges``), scored, and
   removed or, with ``keep_merges``, moved to ``out/merges/point-NNNN``.
@@ -29,6 +30,7 @@ import contextlib
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
@@ -91,6 +93,7 @@ class SweepPoint:
     workdir: str = field(default_factory=os.getcwd)
     scratch: Optional[Path] = None  # None: out/merges
     factors_on_disk: bool = False  # disk mode: each group's θ₀ and D written under out/merges, not held
+    sweep_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # names the sweep's factor folders
     held: Optional[_Held] = None  # made by the first in-memory point of each process
 
     @property
@@ -162,7 +165,7 @@ class SweepPoint:
         if self.factors_on_disk:
             merges = Path(self.out) / "merges"
             with user_path(merges, "write the factors (θ₀ and D) of a group of grid points in"):
-                on_disk = scratch.point_folder(merges, scratch.FACTORS)
+                on_disk = scratch.factors_folder(merges, self.sweep_id)
         return factored.capture(point_config(self.data, point), self.options, write_to=write_to, on_disk=on_disk)
 
     def _load(self, point: Point) -> _Held:

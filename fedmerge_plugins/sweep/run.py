@@ -149,6 +149,14 @@ class _Sweep:
             scratch.remove_abandoned(folder)
         return root
 
+    def _release(self, unit: SweepPoint) -> None:
+        """The last group's factors: this process's, and on disk every worker's folder of this sweep."""
+        from fedmerge_plugins.sweep import scratch
+
+        unit.release()
+        if unit.factors_on_disk:
+            scratch.remove_factors(Path(unit.out) / "merges", unit.sweep_id)
+
     def search(self, log: ResultLog) -> SearchOutcome:
         from fedmerge_plugins.sweep.factored import delta_key
 
@@ -171,7 +179,7 @@ class _Sweep:
             stored = f"; θ₀ and D written to {self.out / 'merges'} once per group, read back per point" if unit.factors_on_disk else ""
             self.echo(f"fedmerge sweep: each point merged into one loaded model (λ applied to a D computed once per group{stored})")
         groups = {key: i for i, key in enumerate(dict.fromkeys(delta_key(p) for p in points))}
-        self._stack.callback(unit.release)  # the last group's factors (on disk: their folder)
+        self._stack.callback(self._release, unit)
         return run_search(
             points,
             unit,

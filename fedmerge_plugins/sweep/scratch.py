@@ -11,8 +11,10 @@ names another folder (it must exist and be writable; ``OUT`` puts them under ``O
 
 Each point's folder is ``.point-NNNN-PID-XXXX`` under the chosen root and is removed once
 scored; a process killed mid-point leaves its folder behind, and the next sweep to use that
-root removes the folders of processes that are gone. So it does ``.factors-PID-XXXX`` under
-``OUT/merges``: in disk mode, the θ₀ and D of the group of points being scored.
+root removes the folders of processes that are gone. So it does ``.factors-PID-SWEEP-XXXX``
+under ``OUT/merges``: in disk mode, the θ₀ and D of the group of points being scored by
+process PID (the driver or a Ray worker, which keeps its own until the sweep's driver removes
+every folder of its sweep, ``remove_factors``).
 """
 
 from __future__ import annotations
@@ -75,6 +77,20 @@ def remove_abandoned(root: Path) -> None:
     """Remove point (and factor) folders under ``root`` left by sweep processes that are gone."""
     if root.is_dir():
         remove_dead(root, POINT_FOLDER)
+
+
+def factors_folder(root: Path, sweep: str) -> Path:
+    """A new folder of this process's own for the factors of one group of points of sweep
+    ``sweep`` (a token the sweep's driver chose): ``.factors-PID-SWEEP-XXXX``."""
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{FACTORS}-{os.getpid()}-{sweep}-", dir=root))
+
+
+def remove_factors(root: Path, sweep: str) -> None:
+    """Remove the factor folders of sweep ``sweep`` under ``root``, whichever process (a Ray
+    worker's, still running) made them: once the sweep's points are scored none is in use."""
+    for folder in root.glob(f".{FACTORS}-*-{sweep}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def point_folder(root: Path, name: str) -> Path:
