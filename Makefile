@@ -1,4 +1,5 @@
-# make test: create .venv, install torch (CPU build) first, then fedmerge with its test extras, run the tests.
+# make test: create .venv, install torch (CPU build) first, then fedmerge with its test extras, run the tests
+#   (pytest-xdist, one worker per core: PYTEST_WORKERS=0 runs them in one process).
 # make demo: the same environment, then the paper's LLM experiment in miniature (`fedmerge demo`);
 #   options pass through ARGS, e.g. make demo ARGS="--size small --out /tmp/demo".
 # make mergekit-tests: the installed mergekit's own test suite with fedmerge installed (make test runs it last).
@@ -6,6 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= auto
 MERGEKIT_TESTS_CACHE ?= .cache/mergekit-tests
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedmerge-installed
@@ -29,7 +31,7 @@ sandbox-tools:
 	  echo "bubblewrap (bwrap) is missing: install it to run model-written code sandboxed" >&2
 
 test: venv sandbox-tools
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	$(BIN)/python .ci/mergekit_suite.py --cache $(MERGEKIT_TESTS_CACHE)
 
 # mergekit's sdist for the installed version, fetched once into $(MERGEKIT_TESTS_CACHE); offline: skipped in one line

@@ -12,6 +12,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist (make test runs one worker per core): one torch thread per worker and per
+    # command it starts, so the workers do not oversubscribe the cores (set before torch loads)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 BIN = Path(sys.executable).parent
 
 

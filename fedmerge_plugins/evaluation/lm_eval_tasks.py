@@ -45,21 +45,21 @@ def include_paths(include_path: IncludePath = ()) -> list:
     return [str(tasks_dir()), *(str(Path(p).resolve()) for p in include_path)]
 
 
-_INDEXED: dict = {}  # include paths -> the manager that indexed lm-eval's stock tasks too (10-40 s each)
+_INDEXED: dict = {}  # (include paths, stock) -> its manager (with lm-eval's stock tasks: 10-40 s to index)
 
 
 def task_manager(include_path: IncludePath = (), *, stock: bool = False, metadata: Optional[dict] = None):
     """lm-eval's ``TaskManager`` over ``eval/`` and ``include_path`` (``stock``: and lm-eval's
-    own tasks, indexed once per process). ``metadata`` reaches fedmerge's tasks (data folder,
-    split); other tasks do not read it."""
+    own tasks), indexed once per process. ``metadata`` reaches fedmerge's tasks (data folder,
+    split; a manager of its own); other tasks do not read it."""
     from lm_eval.tasks import TaskManager
 
     paths = include_paths(include_path)
-    if not stock or metadata is not None:
+    if metadata is not None:
         return TaskManager(include_path=paths, include_defaults=stock, metadata=metadata)
-    key = tuple(paths)
+    key = (tuple(paths), stock)
     if key not in _INDEXED:
-        _INDEXED[key] = TaskManager(include_path=paths, include_defaults=True)
+        _INDEXED[key] = TaskManager(include_path=paths, include_defaults=stock)
     return _INDEXED[key]
 
 

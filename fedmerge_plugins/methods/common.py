@@ -59,11 +59,28 @@ def capture_deltas(into: Optional[Dict[str, Captured]] = None) -> Iterator[Dict[
         _CAPTURED = saved
 
 
-def finish(base: torch.Tensor, delta: torch.Tensor, lam: float) -> torch.Tensor:
-    """θ₀ + λ·D, in place on ``delta`` (scratch), in the compute dtype: the last step of every rule."""
+def record(name: str, captured: Captured) -> bool:
+    """Keep ``captured`` as tensor ``name``'s factors if ``capture_deltas`` is recording; whether it is."""
+    if _CAPTURED is None:
+        return False
+    _CAPTURED[name] = captured
+    return True
+
+
+def recording() -> bool:
+    """Whether a ``capture_deltas`` block is recording."""
+    return _CAPTURED is not None
+
+
+def finish(base: torch.Tensor, delta: torch.Tensor, lam: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """θ₀ + λ·D in the compute dtype, the last step of every rule: in place on ``delta``
+    (scratch), or into ``out`` (D left as it is; the same operations, so the same bits)."""
+    target = delta if out is None else out
     if lam != 1.0:
-        delta.mul_(lam)
-    return delta.add_(base)
+        torch.mul(delta, lam, out=target)
+    elif target is not delta:
+        target.copy_(delta)
+    return target.add_(base)
 
 
 def blockwise(group: TensorGroup, method: str, buffers: int, delta_block: BlockRule, lam: float) -> torch.Tensor:
@@ -78,9 +95,9 @@ def blockwise(group: TensorGroup, method: str, buffers: int, delta_block: BlockR
     base = group.base.tensor
     models = [entry.tensor.reshape(-1) for entry in group.non_base]
     captured = None
-    if _CAPTURED is not None:
+    if recording():
         captured = torch.empty(base.shape, dtype=compute_dtype(base.dtype), device=base.device)
-        _CAPTURED[group.metadata.name] = Captured(base, captured, method)
+        record(group.metadata.name, Captured(base, captured, method))
 
     def merge_block(base_block: torch.Tensor, part: slice, views: List[torch.Tensor]) -> torch.Tensor:
         delta = delta_block(base_block, [model[part] for model in models], views)
@@ -93,9 +110,9 @@ def blockwise(group: TensorGroup, method: str, buffers: int, delta_block: BlockR
 
 def refinish(captured: Captured, lam: float, out: Optional[torch.Tensor] = None,
              scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The kernel's merge at ``lam`` from its captured D: the same ``finish`` on a copy of D
-    (``scratch``: a flat compute-dtype buffer at least that large, or into ``out`` when it has
-    the compute dtype), the same finiteness check and cast to the base dtype (into ``out``,
+    """The kernel's merge at ``lam`` from its captured D: the same ``finish``, written into
+    ``scratch`` (a flat compute-dtype buffer at least that large, or ``out`` when it has the
+    compute dtype), the same finiteness check and cast to the base dtype (into ``out``,
     contiguous and of the base's shape, where given). Whole tensors: the operations are
     element-wise, so the kernel's blocks give the same bits."""
     base, delta = captured.base, captured.delta
@@ -105,7 +122,7 @@ def refinish(captured: Captured, lam: float, out: Optional[torch.Tensor] = None,
         work = scratch[: delta.numel()].view(delta.shape)
     else:
         work = torch.empty_like(delta)
-    merged = finish(base, work.copy_(delta), lam)
+    merged = finish(base, delta, lam, out=work)
     if not all_finite(merged):
         raise NonFiniteError(f"{captured.method}: merged tensor is not finite (overflow); lower lambda")
     if out is None:

@@ -24,7 +24,7 @@ import contextlib
 import json
 import shutil
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -56,7 +56,7 @@ class TaskArithmeticCapture(GeneralizedTaskArithmeticMerge):
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         base = group.base.tensor
         entries = group.non_base
-        if not entries or common._CAPTURED is None:
+        if not entries or not common.recording():
             return super().merge_group(group, **parameters)
         deltas = base.new_empty((len(entries), *base.shape))  # mergekit's operations, in its order
         for index, entry in enumerate(entries):
@@ -70,7 +70,7 @@ class TaskArithmeticCapture(GeneralizedTaskArithmeticMerge):
         divisor[divisor.abs() < 1e-8] = 1
         if parameters["normalize"]:
             mixed_delta /= divisor
-        common._CAPTURED[group.metadata.name] = Captured(base, mixed_delta, TASK_ARITHMETIC)
+        common.record(group.metadata.name, Captured(base, mixed_delta, TASK_ARITHMETIC))
         return task_arithmetic_finish(base, mixed_delta, parameters["lambda"])
 
 
@@ -78,16 +78,13 @@ def task_arithmetic_finish(base: torch.Tensor, mixed_delta: torch.Tensor, lam: f
     """mergekit's last lines: ``mixed_delta *= lambda`` when λ ≠ 1, ``(base + mixed_delta).to(base.dtype)``.
 
     With ``out`` (contiguous, of ``base``'s dtype and shape, as D is), the same two operations
-    into it: λ·D (or D) there, then ``+= base`` (addition commutes, bit for bit)."""
+    into it by the kernels' ``finish``: λ·D (or D) there, then ``+= base`` (addition commutes,
+    bit for bit)."""
     if out is None or mixed_delta.dtype != base.dtype:
         if lam != 1:
             mixed_delta = mixed_delta * lam
         return (base + mixed_delta).to(base.dtype)
-    if lam != 1:
-        torch.mul(mixed_delta, lam, out=out)
-    else:
-        out.copy_(mixed_delta)
-    return out.add_(base)
+    return common.finish(base, mixed_delta, lam, out)
 
 
 @contextlib.contextmanager
@@ -195,6 +192,7 @@ class Factors:
     captured: Mapping[str, Captured]
     out_dtypes: Dict[str, Optional[torch.dtype]]
     shapes: Dict[str, torch.Size]  # each tensor's shape, known without reading it
+    _buffers: Dict[Tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def tensor(self, name: str, lam: float, out: Optional[torch.Tensor] = None, scratch: Optional[torch.Tensor] = None,
                captured: Optional[Captured] = None) -> torch.Tensor:
@@ -218,17 +216,27 @@ class Factors:
 
     def write(self, lam: float, targets: Dict[str, torch.Tensor]) -> None:
         """Every computed tensor at ``lam`` into ``targets[name]`` (a model's parameters), in place:
-        straight into it where it has the output's dtype, else through mergekit's casts and a copy."""
-        largest = max((shape.numel() for shape in self.shapes.values()), default=0)
-        scratch = None
-        for name in self.captured:
-            captured = self.captured[name]  # on disk: this tensor's θ₀ and D read
-            if scratch is None:
-                scratch = torch.empty(largest, dtype=captured.delta.dtype, device=captured.delta.device)
+        straight into it where it has the output's dtype, else made in a buffer of the output's
+        dtype (mergekit's casts) and copied in. The buffers are kept for the next λ: fresh
+        memory costs a page fault per page at every point. (On disk each tensor's θ₀ and D
+        are read here, once.)"""
+        for name, captured in self.captured.items():
             target = targets[name].data
-            tensor = self.tensor(name, lam, target, scratch, captured)
+            dtype = self.out_dtypes.get(name) or captured.base.dtype
+            direct = target.dtype == dtype and target.is_contiguous()
+            out = target if direct else self._buffer("out", dtype, captured.base)
+            scratch = self._buffer("scratch", captured.delta.dtype, captured.delta).view(-1)
+            tensor = self.tensor(name, lam, out, scratch, captured)
             if tensor is not target:
                 target.copy_(tensor)
+
+    def _buffer(self, role: str, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+        """The kept ``role`` buffer of ``dtype``, as large as the largest tensor, viewed in ``like``'s shape."""
+        kept = self._buffers.get((role, dtype))
+        if kept is None or kept.device != like.device:
+            largest = max(shape.numel() for shape in self.shapes.values())
+            kept = self._buffers[(role, dtype)] = torch.empty(largest, dtype=dtype, device=like.device)
+        return kept[: like.numel()].view(like.shape)
 
     def release(self) -> None:
         """Give the factors up (on disk: their folder is removed)."""
