@@ -104,9 +104,9 @@ def test_disk_mode_points_equal_mergekit_reading_two_checkpoints_per_point(
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
 
+    from fedmerge_plugins.guards.recipe import recipe_models
     from fedmerge_plugins.sweep.grid import point_config
     from fedmerge_plugins.sweep.merger import disk_norms, merge_options
-    from fedmerge_plugins.guards.recipe import recipe_models
 
     recipe = write_recipe(family, tmp_path, method, dtype)
     out = tmp_path / "out"
@@ -125,7 +125,7 @@ def test_disk_mode_points_equal_mergekit_reading_two_checkpoints_per_point(
     inputs = {str(p) for p in (family.base, *family.tasks)}
     input_reads = Counter({key: n for key, n in tensors.items() if key[0] in inputs})
     factor_reads = Counter({key: n for key, n in tensors.items() if ".factors-" in key[0]})
-    assert len(input_reads) == 4 * len(family.base_tensors)
+    assert len(input_reads) == 4 * len(family.base_tensors) and set(tensors) == set(input_reads) | set(factor_reads)
     assert set(input_reads.values()) == {groups}  # the T + 1 inputs read once per group ...
     parts: Dict[str, set] = {}
     for path, name in factor_reads:
@@ -224,13 +224,13 @@ def test_memory_plan_in_disk_mode_counts_the_loaded_model_and_one_tensor(family:
 
 
 @pytest.mark.slow
-def test_disk_mode_on_two_ray_workers_equals_serial_and_leaves_no_factors(family: Family, tmp_path: Path) -> None:
+def test_disk_mode_on_two_ray_workers_equals_serial_and_leaves_no_factors(family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each worker process writes its own group's factors; the driver removes every worker's
     folder of the sweep at the end (the workers of a Ray session outlive it)."""
     pytest.importorskip("ray")
     from fedmerge_plugins.search.workers import LOOPBACK_ENV, WorkerSettings
 
-    os.environ.setdefault(LOOPBACK_ENV, "0")
+    monkeypatch.setenv(LOOPBACK_ENV, os.environ.get(LOOPBACK_ENV, "0"))  # as test_workers: Ray on loopback only
     recipe = write_recipe(family, tmp_path, "cclip", "bfloat16")
     serial = run_sweep(recipe, tmp_path / "serial", evaluator(tmp_path, tmp_path / "serial"), lambdas=LAMBDAS, rhos="0.05,0.5",
                        mode="disk", echo=lambda line: None)
