@@ -54,7 +54,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep-out"), show_default=True,
               help="Directory for results.jsonl, winner.yml and the merges in progress.")
 @click.option("--mode", type=click.Choice(["auto", "memory", "disk"]), default="auto", show_default=True,
-              help="memory: read the inputs once and keep them; disk: merge each point from disk; auto: memory if it fits.")
+              help="memory: read the inputs once and keep them; disk: merge each point from disk (points merged into a loaded model: the inputs read and θ₀, D written once per group, those two read per point); auto: memory if it fits.")
 @click.option("--max-memory", callback=_size, default=None, metavar="SIZE", help="Memory the sweep may plan with (e.g. 24GB); default: what is available.")
 @click.option("--device", default="cpu", show_default=True, help="Device for merging and evaluation (a winner merged on cuda is reproduced by mergekit-yaml --cuda).")
 @click.option("--keep-merges", is_flag=True, help="Keep every point's merged model in OUT/merges/.")
