@@ -27,15 +27,19 @@ TASKS = ("mnist", "eurosat", "beta")
 LAMBDAS = "0.1,0.5,1.5"
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    """The world, its towers exported as ``CLIPVisionModel`` checkpoints mergekit merges."""
+def build_prepared_world(root: Path) -> World:
+    """The world, its towers also exported as ``CLIPVisionModel`` checkpoints mergekit merges
+    (``root/prepared``, as ``fedmerge clip prepare`` writes them)."""
     from fedmerge_plugins.clip.models import export_towers
 
-    root = tmp_path_factory.mktemp("clip-sweep-world")
     world = build_world(root)
     export_towers(str(world.base), {t: str(world.towers[t]) for t in TASKS}, root / "prepared")
     return world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return build_prepared_world(tmp_path_factory.mktemp("clip-sweep-world"))
 
 
 def recipe(world: World, directory: Path, method: str, **extra) -> Path:
