@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
 from fedmerge_plugins.clip.cli import clip_group
+from fedmerge_plugins.clip.models import tower_state_dict
 from fedmerge_plugins.sweep.evaluators import ClipEvaluator
 from fedmerge_plugins.sweep.run import run_sweep
 from tests.conftest import BIN
@@ -69,7 +71,8 @@ def test_in_memory_scores_equal_the_folders_and_the_winner_reproduces(world: Wor
     path = recipe(world, tmp_path, method, **extra)
     grid = {"lambdas": LAMBDAS, "rhos": "paper"} if method == "cclip" else {"lambdas": LAMBDAS}
     lines: List[str] = []
-    memory = run_sweep(path, tmp_path / "memory", evaluator(world), echo=lines.append, **grid)
+    in_memory = evaluator(world)
+    memory = run_sweep(path, tmp_path / "memory", in_memory, echo=lines.append, **grid)
     assert any("merged into one loaded model" in line for line in lines)
     assert all(set(r["details"]["timing"]) == {"merge", "copy", "evaluate"} for r in memory.records.values())
     assert not any((tmp_path / "memory" / "merges").glob("point-*"))  # nothing written per point
@@ -78,6 +81,11 @@ def test_in_memory_scores_equal_the_folders_and_the_winner_reproduces(world: Wor
     assert scores(memory) == scores(folder)  # every point, exactly
     assert len({json.dumps(s, sort_keys=True) for s in scores(memory).values()}) > 1  # the points differ
     assert memory.best["key"] == folder.best["key"]
+    # the tower holds the last point scored: bit for bit its folder loaded as fedmerge clip eval loads it
+    last = json.loads((tmp_path / "memory" / "results.jsonl").read_text().splitlines()[-1])["index"]
+    kept = tower_state_dict(str(tmp_path / "folder" / "merges" / f"point-{last:04d}"))
+    held = in_memory.session().clip.vision_model.state_dict()
+    assert set(held) == set(kept) and all(torch.equal(held[k], kept[k]) and held[k].dtype == kept[k].dtype for k in kept)
 
     merged = subprocess.run([str(BIN / "mergekit-yaml"), str(memory.winner_recipe), str(tmp_path / "winner"), "--no-copy-tokenizer",
                              "--no-write-model-card"], capture_output=True, text=True, timeout=300)
