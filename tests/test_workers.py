@@ -387,6 +387,24 @@ def test_clip_experiment_on_two_workers_equals_serial(local_ray, tmp_path):
     assert again == serial and len(log_records(tmp_path / "ray")) == len(log_records(tmp_path / "serial"))
 
 
+@pytest.mark.slow
+def test_clip_sweep_in_memory_on_two_workers_equals_serial(local_ray, tmp_path):
+    """``--eval clip`` in memory on 2 workers: each worker pickles the evaluator without a
+    session, loads its own (its own empty cache: the reference accuracies computed there,
+    before its first point's tower goes in); records and winner as the serial sweep's."""
+    from fedmerge_plugins.sweep.run import run_sweep
+    from tests.test_clip_sweep import build_prepared_world, evaluator, recipe
+
+    world = build_prepared_world(tmp_path / "world")
+    path = recipe(world, tmp_path, "cclip")
+    lines: List[str] = []
+    serial = run_sweep(path, tmp_path / "serial", evaluator(world), lambdas="0.1,1.5", rhos="paper", echo=lines.append)
+    ray_run = run_sweep(path, tmp_path / "ray", evaluator(world), lambdas="0.1,1.5", rhos="paper", workers=TWO, echo=lines.append)
+    assert sum("merged into one loaded model" in line for line in lines) == 2
+    assert scores_of(log_records(tmp_path / "ray")) == scores_of(serial.records.values())
+    assert ray_run.best["key"] == serial.best["key"]
+
+
 def test_cli_without_ray_is_one_line_before_output(family, tmp_path):
     """With Ray hidden, ``fedmerge sweep --workers 2`` fails in one line and writes nothing."""
     spec, _ = evaluator_spec(family, tmp_path)

@@ -177,16 +177,40 @@ def normalized(accuracies: Mapping[str, float], reference: Mapping[str, float], 
     )
 
 
+def references(session: Session, tasks: Sequence[str], finetuned: Mapping[str, str], split: str) -> Dict[str, float]:
+    """The fine-tuned towers' own accuracies (cached). One not cached yet is loaded into the
+    session's vision tower to be scored: compute them before loading the tower to evaluate."""
+    return {task: session.finetuned_accuracy(task, finetuned[task], split) for task in tasks}
+
+
+def score_loaded(
+    session: Session, tasks: Sequence[str], split: str, reference: Optional[Mapping[str, float]]
+) -> Dict[str, Dict[str, float]]:
+    """Accuracy of the tower now in the session's vision tower on each task, and its
+    normalised accuracy against ``reference`` (the fine-tuned accuracies) when given."""
+    accuracy = {task: session.accuracy(task, split) for task in tasks}
+    result = {task: {"accuracy": accuracy[task]} for task in tasks}
+    if reference is not None:
+        for task, value in normalized(accuracy, reference, split).items():
+            result[task].update(finetuned_accuracy=reference[task], normalized_accuracy=value)
+    return result
+
+
+def load_merged(
+    session: Session, merged: str, tasks: Sequence[str], finetuned: Optional[Mapping[str, str]], split: str
+) -> Optional[Dict[str, float]]:
+    """Tower ``merged`` loaded into the session's vision tower (checked first), the fine-tuned
+    towers' accuracies (``references``, when given) computed before; returns those."""
+    state = session.tower(merged, "merged")
+    reference = None if finetuned is None else references(session, tasks, finetuned, split)
+    session.load_tower(state)
+    return reference
+
+
 def evaluate_tower(
     session: Session, merged: str, tasks: Sequence[str], finetuned: Optional[Mapping[str, str]], split: str = "test"
 ) -> Dict[str, Dict[str, float]]:
     """``fedmerge clip eval``: accuracy (and normalised accuracy when fine-tuned towers are
     given) of one vision tower on each task."""
-    state = session.tower(merged, "merged")
-    accuracy = session.accuracy_of(state, tasks, split)
-    result = {task: {"accuracy": accuracy[task]} for task in tasks}
-    if finetuned is not None:
-        reference = {task: session.finetuned_accuracy(task, finetuned[task], split) for task in tasks}
-        for task, value in normalized(accuracy, reference, split).items():
-            result[task].update(finetuned_accuracy=reference[task], normalized_accuracy=value)
-    return result
+    reference = load_merged(session, merged, tasks, finetuned, split)
+    return score_loaded(session, tasks, split, reference)

@@ -110,6 +110,22 @@ def base_tower_state_dict(clip, device: Optional[str] = None) -> StateDict:
     return {k: v.detach().clone().to(device or v.device) for k, v in clip.vision_model.state_dict().items()}
 
 
+def checkpoint_view(clip) -> torch.nn.Module:
+    """``clip``'s vision tower as a module whose state-dict names are a ``CLIPVisionModel``
+    checkpoint's (what ``mergekit-yaml`` writes), sharing its tensors: the tower itself on
+    transformers 5; a module holding it as ``vision_model`` where ``CLIPVisionModel`` has one
+    (transformers 4, whose checkpoints prefix every key with ``vision_model.``)."""
+    from transformers import CLIPVisionModel
+
+    with torch.device("meta"), quiet_transformers():
+        layout = CLIPVisionModel(clip.config.vision_config)
+    if not isinstance(getattr(layout, "vision_model", None), torch.nn.Module):
+        return clip.vision_model
+    holder = torch.nn.Module()
+    holder.vision_model = clip.vision_model
+    return holder
+
+
 def save_tower(state: Mapping[str, torch.Tensor], vision_config, out: Path) -> None:
     """Write ``state`` as a ``CLIPVisionModel`` checkpoint (safetensors) in the current layout."""
     from transformers import CLIPVisionModel

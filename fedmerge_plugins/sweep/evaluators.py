@@ -8,7 +8,8 @@ in place) and ``evaluate_loaded(loaded) -> {name: score}``. Built-in:
 
 - ``lm-eval``: ``fedmerge_plugins.evaluation.api`` on the tasks of ``eval/``; with the hf
   backend the lm-eval model (``HFLM``) and the task objects are made once per sweep;
-- ``clip``: the CLIP evaluator of ``fedmerge_plugins.clip`` (normalized accuracy);
+- ``clip``: the CLIP evaluator of ``fedmerge_plugins.clip`` (normalized accuracy); the base
+  CLIP and the images are loaded once per sweep, each point's weights go into its vision tower;
 - ``python:MODULE:FUNCTION`` or ``python:FILE.py:FUNCTION``: a function returning a dict of
   scores or one number. ``FUNCTION(model_dir)`` gets a merged model's folder; a function
   with a parameter named ``model`` instead gets the loaded transformers model (the class
@@ -21,6 +22,7 @@ models' own, as the paper does) it is the mean normalized score, score / referen
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -31,7 +33,7 @@ import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from fedmerge_plugins.errors import FedmergeError
 from fedmerge_plugins.sweep.errors import SweepError
@@ -294,7 +296,12 @@ def _lm_eval_scores(result: Any) -> Scores:
 
 class ClipEvaluator:
     """Normalized accuracy of a merged CLIP vision tower per task (``fedmerge clip eval``'s
-    engine): accuracy / the fine-tuned tower's accuracy, on the chosen split."""
+    engine): accuracy / the fine-tuned tower's accuracy, on the chosen split. In memory, the
+    base CLIP's vision tower (``Session``) takes each point's weights, as ``fedmerge clip
+    experiment`` does; the fine-tuned accuracies are computed (or read from the cache)
+    before the first point's tower goes in, since scoring a fine-tuned tower loads it there."""
+
+    takes_model = True
 
     def __init__(
         self,
@@ -328,16 +335,59 @@ class ClipEvaluator:
     def __getstate__(self) -> Dict[str, Any]:  # to a Ray worker, which loads its own session
         return {**self.__dict__, "_session": None}
 
-    def evaluate(self, model_dir: Path) -> Scores:
-        from fedmerge_plugins.clip.evaluate import Session, evaluate_tower
+    def session(self) -> Any:
+        """CLIP, heads and images, loaded once for the whole sweep (per process)."""
+        from fedmerge_plugins.clip.evaluate import Session
 
-        if self._session is None:  # loads CLIP, heads and images once for the whole sweep
+        if self._session is None:
             self._session = Session(progress=False, **self.session_options)
-        try:
-            result = evaluate_tower(self._session, str(model_dir), self.tasks, self.finetuned, self.split)
-        except FedmergeError as error:
-            raise SweepError(f"CLIP evaluation of {model_dir}: {error}") from None
-        return _as_scores({task: row["normalized_accuracy"] for task, row in result.items()}, "clip")
+        return self._session
+
+    def evaluate(self, model_dir: Path) -> Scores:
+        from fedmerge_plugins.clip.evaluate import evaluate_tower
+
+        with _clip_errors(model_dir):
+            return _clip_scores(evaluate_tower(self.session(), str(model_dir), self.tasks, self.finetuned, self.split))
+
+    def load(self, model_dir: Path) -> Loaded:
+        """The session's vision tower (``module``: names of a ``CLIPVisionModel`` checkpoint, the
+        merge's) holding ``model_dir``'s tower; the fine-tuned accuracies computed before it."""
+        from fedmerge_plugins.clip.evaluate import load_merged
+        from fedmerge_plugins.clip.models import checkpoint_view
+
+        session = self.session()
+        with _clip_errors(model_dir):
+            reference = load_merged(session, str(model_dir), self.tasks, self.finetuned, self.split)
+        return Loaded(checkpoint_view(session.clip), ClipTower(session, reference))
+
+    def evaluate_loaded(self, loaded: Loaded) -> Scores:
+        from fedmerge_plugins.clip.evaluate import score_loaded
+
+        tower: ClipTower = loaded.handle
+        with _clip_errors("the loaded tower"):
+            return _clip_scores(score_loaded(tower.session, self.tasks, self.split, tower.reference))
+
+
+@contextlib.contextmanager
+def _clip_errors(what: Any) -> Iterator[None]:
+    try:
+        yield
+    except FedmergeError as error:
+        raise SweepError(f"CLIP evaluation of {what}: {error}") from None
+
+
+def _clip_scores(result: Mapping[str, Mapping[str, float]]) -> Scores:
+    """``clip.evaluate``'s rows as the sweep's scores: the normalized accuracy per task."""
+    return _as_scores({task: row["normalized_accuracy"] for task, row in result.items()}, "clip")
+
+
+@dataclass
+class ClipTower:
+    """What ``ClipEvaluator`` scores in memory: the session whose vision tower takes each point's
+    weights, and the fine-tuned accuracies (computed before any point's weights went in)."""
+
+    session: Any
+    reference: Optional[Dict[str, float]]
 
 
 def make_evaluator(spec: str, *, tasks: Sequence[str] = (), **options: Any) -> Evaluator:
