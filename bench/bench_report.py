@@ -89,7 +89,7 @@ def point_splits(samples: Dict[str, List[dict]]) -> List[str]:
             described = ", ".join(f"{part} {seconds:.3f} s" for part, seconds in parts.items())
             lines.append(f"- {name}, per point (median): {described}")
     title = ("Per-point split of the sweeps (merge: the first point's merge and model load, and D when its group starts;"
-             " copy: λ applied and written into the loaded model, one pass; evaluate: the evaluator):")
+             " copy: λ applied and written into the loaded model, in blocks that stay in the cache; evaluate: the evaluator):")
     return [title, "", *lines, ""] if lines else []
 
 

@@ -160,6 +160,11 @@ def test_paired_bootstrap_against_an_independent_computation() -> None:
 # ----------------------------------------------------------------------------- end to end
 
 
+# The first test to use ``demo`` builds it (pre-training, 2 seeds, search, test: about 10 min on
+# 2 quiet cores, more beside another test worker), inside that test's timeout.
+END_TO_END_TIMEOUT_S = 2700
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Dict:
     out = tmp_path_factory.mktemp("demo")
@@ -168,6 +173,7 @@ def demo(tmp_path_factory) -> Dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(END_TO_END_TIMEOUT_S)
 def test_demo_task_models_beat_the_base_on_their_own_task(demo) -> None:
     result = demo["result"]
     # a clear margin on the 200 test items: more than 5 points above the base
@@ -178,6 +184,7 @@ def test_demo_task_models_beat_the_base_on_their_own_task(demo) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(END_TO_END_TIMEOUT_S)
 def test_demo_homogeneous_task_arithmetic_keeps_every_task(demo) -> None:
     for variant in demo["result"].variants:
         if variant.setting == "homogeneous":
@@ -190,6 +197,7 @@ def test_demo_homogeneous_task_arithmetic_keeps_every_task(demo) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(END_TO_END_TIMEOUT_S)
 def test_demo_heterogeneous_model_is_the_best_candidate_at_ten_times_the_rate(demo) -> None:
     result = demo["result"]
     config = result.manifest["config"]
@@ -245,6 +253,7 @@ def reference_merge(method: str, parameters: Dict, base: Dict, states: list, tra
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(END_TO_END_TIMEOUT_S)
 def test_demo_merges_are_mergekit_merges_of_the_chosen_values(demo) -> None:
     from safetensors.torch import load_file
 
@@ -297,6 +306,7 @@ def test_demo_merges_are_mergekit_merges_of_the_chosen_values(demo) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(END_TO_END_TIMEOUT_S)
 def test_demo_report_holds_both_settings_intervals_and_tallies(demo) -> None:
     saved, out = demo["saved"], demo["out"]
     comparisons = saved["comparisons"]
@@ -331,6 +341,7 @@ def test_demo_report_holds_both_settings_intervals_and_tallies(demo) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(END_TO_END_TIMEOUT_S)
 def test_demo_reuses_its_build_only_while_it_matches(demo, tmp_path: Path) -> None:
     out, manifest = demo["out"], demo["result"].manifest
     config = SIZES["small"].build

@@ -5,8 +5,9 @@ dtype, on the device the inputs are on, and return the base tensor's dtype.
 
 Every rule here is θ₀ + λ·D with D independent of λ: a kernel's ``delta_block`` computes D
 and ``finish`` (one shared operation, ``D·λ + θ₀``) makes the merge. Under ``capture_deltas()``
-``blockwise`` also keeps each tensor's whole D, and ``refinish`` turns it into the merge at
-any λ by the very operations the kernel runs (``fedmerge sweep`` computes D once per ρ).
+``blockwise`` also keeps each tensor's whole D (with ``merge=False``, only D: the merge is
+skipped), and ``refinish`` turns it into the merge at any λ by the very operations the
+kernel runs (``fedmerge sweep`` computes D once per ρ).
 
 On the CPU they walk the flattened tensors in blocks of ``BLOCK`` elements with a few
 scratch buffers allocated once per tensor. Whole-tensor temporaries are fresh memory
@@ -45,18 +46,22 @@ class Captured:
 
 
 _CAPTURED: Optional[Dict[str, Captured]] = None  # set by capture_deltas (a merge runs in one thread or several)
+_MERGING = True  # False under capture_deltas(merge=False)
 
 
 @contextlib.contextmanager
-def capture_deltas(into: Optional[Dict[str, Captured]] = None) -> Iterator[Dict[str, Captured]]:
+def capture_deltas(into: Optional[Dict[str, Captured]] = None, merge: bool = True) -> Iterator[Dict[str, Captured]]:
     """While the block runs, every fedmerge kernel also records its tensor's D (by tensor name)
-    into ``into`` (a new dict if None; a kernel records its entry before filling its D)."""
-    global _CAPTURED
-    saved, _CAPTURED = _CAPTURED, ({} if into is None else into)
+    into ``into`` (a new dict if None; a kernel records its entry before filling its D). With
+    ``merge=False`` the kernels only record D (checked finite) and return their base tensor
+    unmerged: for a caller that discards the merge (``fedmerge sweep``'s groups of points)."""
+    global _CAPTURED, _MERGING
+    saved = _CAPTURED, _MERGING
+    _CAPTURED, _MERGING = ({} if into is None else into), merge
     try:
         yield _CAPTURED
     finally:
-        _CAPTURED = saved
+        _CAPTURED, _MERGING = saved
 
 
 def record(name: str, captured: Captured) -> bool:
@@ -70,6 +75,11 @@ def record(name: str, captured: Captured) -> bool:
 def recording() -> bool:
     """Whether a ``capture_deltas`` block is recording."""
     return _CAPTURED is not None
+
+
+def merging() -> bool:
+    """Whether kernels return their merge (False only under ``capture_deltas(merge=False)``)."""
+    return _MERGING
 
 
 def finish(base: torch.Tensor, delta: torch.Tensor, lam: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -103,9 +113,11 @@ def blockwise(group: TensorGroup, method: str, buffers: int, delta_block: BlockR
         delta = delta_block(base_block, [model[part] for model in models], views)
         if captured is not None:
             captured.view(-1)[part].copy_(delta)
+            if not merging():
+                return delta  # checked finite, not merged
         return finish(base_block, delta, lam)
 
-    return _blocks(base, buffers, merge_block, lambda: raise_non_finite(group, method))
+    return _blocks(base, buffers, merge_block, lambda: raise_non_finite(group, method), write=merging())
 
 
 def refinish(captured: Captured, lam: float, out: Optional[torch.Tensor] = None,
@@ -131,11 +143,12 @@ def refinish(captured: Captured, lam: float, out: Optional[torch.Tensor] = None,
 
 
 def _blocks(base: torch.Tensor, buffers: int, merge_block: Callable[[torch.Tensor, slice, List[torch.Tensor]], torch.Tensor],
-            non_finite: Callable[[], None]) -> torch.Tensor:
-    """The block loop: scratch buffers, the base block upcast, the merged block checked and cast."""
+            non_finite: Callable[[], None], write: bool = True) -> torch.Tensor:
+    """The block loop: scratch buffers, the base block upcast, the merged block checked and
+    cast into the output (``write=False``: checked only, and ``base`` returned)."""
     dtype = compute_dtype(base.dtype)
     flat_base = base.reshape(-1)
-    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    out = torch.empty(base.shape, dtype=base.dtype, device=base.device) if write else base
     flat_out = out.view(-1)
     numel = flat_base.numel()
     block = BLOCK if base.device.type == "cpu" else max(numel, 1)
@@ -148,7 +161,8 @@ def _blocks(base: torch.Tensor, buffers: int, merge_block: Callable[[torch.Tenso
         merged = merge_block(base_block, part, views)
         if not all_finite(merged):
             non_finite()
-        flat_out[part].copy_(merged)
+        if write:
+            flat_out[part].copy_(merged)
     return out
 
 

@@ -41,6 +41,7 @@ from fedmerge_plugins.search.engine import Point
 from fedmerge_plugins.sweep.errors import SweepError
 
 TASK_ARITHMETIC = "task_arithmetic"
+WRITE_BLOCK = 1 << 20  # elements per block when a point's tensors go into a model (4 MiB in float32)
 PARTS = ("base", "delta")  # the two checkpoints of a group's factors on disk: θ₀ as the kernel got it, D
 
 
@@ -71,6 +72,8 @@ class TaskArithmeticCapture(GeneralizedTaskArithmeticMerge):
         if parameters["normalize"]:
             mixed_delta /= divisor
         common.record(group.metadata.name, Captured(base, mixed_delta, TASK_ARITHMETIC))
+        if not common.merging():
+            return base  # D only: the caller discards the merge
         return task_arithmetic_finish(base, mixed_delta, parameters["lambda"])
 
 
@@ -215,28 +218,33 @@ class Factors:
             yield name, self.tensor(name, lam)
 
     def write(self, lam: float, targets: Dict[str, torch.Tensor]) -> None:
-        """Every computed tensor at ``lam`` into ``targets[name]`` (a model's parameters), in place:
-        straight into it where it has the output's dtype, else made in a buffer of the output's
-        dtype (mergekit's casts) and copied in. The buffers are kept for the next λ: fresh
-        memory costs a page fault per page at every point. (On disk each tensor's θ₀ and D
-        are read here, once.)"""
+        """Every computed tensor at ``lam`` into ``targets[name]`` (a model's parameters), in place,
+        in blocks of ``WRITE_BLOCK`` elements that stay in the cache through every pass: straight
+        into the target where it has the output's dtype, else made in a buffer of the output's
+        dtype (mergekit's casts) and copied in. Every operation is element-wise, so the blocks
+        give the bits of whole tensors. The buffers are kept for the next λ. (On disk each
+        tensor's θ₀ and D are read here, once.)"""
         for name, captured in self.captured.items():
             target = targets[name].data
             dtype = self.out_dtypes.get(name) or captured.base.dtype
-            direct = target.dtype == dtype and target.is_contiguous()
-            out = target if direct else self._buffer("out", dtype, captured.base)
-            scratch = self._buffer("scratch", captured.delta.dtype, captured.delta).view(-1)
-            tensor = self.tensor(name, lam, out, scratch, captured)
-            if tensor is not target:
-                target.copy_(tensor)
+            if not target.is_contiguous():
+                target.copy_(self.tensor(name, lam, captured=captured))
+                continue
+            flat, base, delta = target.view(-1), captured.base.reshape(-1), captured.delta.reshape(-1)
+            for start in range(0, flat.numel(), WRITE_BLOCK):
+                part = slice(start, start + WRITE_BLOCK)
+                piece, dest = Captured(base[part], delta[part], captured.method), flat[part]
+                out = dest if target.dtype == dtype else self._buffer("out", dtype, piece.base)
+                tensor = self.tensor(name, lam, out, self._buffer("scratch", delta.dtype, piece.delta), piece)
+                if tensor is not dest:
+                    dest.copy_(tensor)
 
     def _buffer(self, role: str, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
-        """The kept ``role`` buffer of ``dtype``, as large as the largest tensor, viewed in ``like``'s shape."""
+        """The kept ``role`` buffer of ``dtype`` (one block), viewed in ``like``'s flat shape."""
         kept = self._buffers.get((role, dtype))
         if kept is None or kept.device != like.device:
-            largest = max(shape.numel() for shape in self.shapes.values())
-            kept = self._buffers[(role, dtype)] = torch.empty(largest, dtype=dtype, device=like.device)
-        return kept[: like.numel()].view(like.shape)
+            kept = self._buffers[(role, dtype)] = torch.empty(WRITE_BLOCK, dtype=dtype, device=like.device)
+        return kept[: like.numel()]
 
     def release(self) -> None:
         """Give the factors up (on disk: their folder is removed)."""
@@ -271,7 +279,8 @@ def capture(config: Any, options: Any, write_to: Optional[Path] = None, on_disk:
     out_dtypes = {save.tensor_name: dtype_from_name(save.dtype) if save.dtype else None for save in saves}
     try:
         record = None if on_disk is None else FactorFiles(on_disk)
-        with capture_deltas(record) as captured, mergekit_task_arithmetic_captured():
+        # without write_to the merge is discarded: the kernels record D only
+        with capture_deltas(record, merge=write_to is not None) as captured, mergekit_task_arithmetic_captured():
             if write_to is not None:
                 run_merge(config, str(write_to), options=options)
             else:
