@@ -9,7 +9,7 @@ every input tensor once, θ_0 + λ Σ τ_t, write), a 20-point λ sweep in memor
 model) and a 20-point cclip sweep with lm-eval against one point by hand (``mergekit-yaml`` +
 ``fedmerge eval``; ``--variants by_hand_lmeval,sweep_cclip_lmeval20`` runs only those). Each child's
 wall time, CPU time (user + system) and peak resident memory come from ``os.wait4``; its
-memory is also sampled from ``/proc/<pid>/smaps_rollup`` and split into anonymous memory
+memory is also sampled from ``/proc/<pid>/status`` and split into anonymous memory
 (allocations) and file-backed pages (mmap'd safetensors, counted in RSS but not
 allocated). Wall times are also reported net of the fixed start-up (wall − the median of
 ``mergekit-yaml --help``), which at small sizes is most of a run. It also measures what
@@ -57,7 +57,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--startup-runs", type=int, default=30, help="interpreter start-ups per venv (0 skips)")
     parser.add_argument("--plugin-runs", type=int, default=5, help="plugin import probes per venv (0 skips)")
     parser.add_argument("--memory-interval", type=float, default=MEMORY_INTERVAL_S,
-                        help=f"seconds between smaps_rollup samples (default {MEMORY_INTERVAL_S})")  # fmt: skip
+                        help=f"seconds between /proc/<pid>/status samples (default {MEMORY_INTERVAL_S})")  # fmt: skip
     parser.add_argument(
         "--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "fedmerge-bench", help="where checkpoints are kept"
     )

@@ -37,7 +37,7 @@ SWEEP_POINTS = 20
 LMEVAL_LAMBDAS = "0.25:1.0:0.25"  # × CCLIP's five ρ (--rho paper): 20 points
 LMEVAL_ITEMS = 2  # GSM8K items scored per point
 LMEVAL_TOKENS = 2  # tokens generated per answer
-MEMORY_INTERVAL_S = 0.05  # smaps_rollup sampling period
+MEMORY_INTERVAL_S = 0.05  # /proc/<pid>/status sampling period
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 MARKER = "<!-- Notes below this line are kept when bench.py regenerates this file. -->"
 

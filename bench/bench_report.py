@@ -169,8 +169,8 @@ def markdown_run(report: dict) -> str:
         " its ratio (wall − startup) / (task_arithmetic's wall − startup) compares the merges without it."
         " Peak RSS is `ru_maxrss` (Linux keeps the RSS high-water mark across `exec`, so it is at least the"
         " bench process's own RSS at the spawn); sampled RSS, anonymous (allocations) and file-backed"
-        " (Rss − Anonymous: mmap'd safetensors and libraries) are the largest values of"
-        f" `/proc/<pid>/smaps_rollup` sampled every {report.get('memory_interval_s', MEMORY_INTERVAL_S) * 1e3:.0f} ms,"
+        " (VmRSS − RssAnon: mmap'd safetensors and libraries) are the largest values of the counters in"
+        f" `/proc/<pid>/status` sampled every {report.get('memory_interval_s', MEMORY_INTERVAL_S) * 1e3:.0f} ms,"
         " each on its own (their peaks need not coincide).",
         "",
         "| variant | T | wall s | net s | CPU s | peak RSS MiB | sampled RSS MiB | anon MiB | file MiB | wall / TA"

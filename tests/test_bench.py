@@ -121,7 +121,7 @@ def test_lm_eval_sweep_compares_with_one_point_by_hand_and_reports_the_split() -
     assert "- sweep_cclip_lmeval20, per point (median): merge 0.300 s, copy 0.100 s, evaluate 0.500 s" in lines
 
 
-def test_smaps_rollup_split_of_a_child(tmp_path: Path) -> None:
+def test_memory_split_of_a_child(tmp_path: Path) -> None:
     """A child that allocates 96 MiB and maps 64 MiB of a file: the sampler sees both."""
     data = tmp_path / "data.bin"
     data.write_bytes(b"\1" * (64 << 20))
@@ -138,8 +138,8 @@ def test_smaps_rollup_split_of_a_child(tmp_path: Path) -> None:
     assert 96 <= sample.peak_anon_mib < 96 + 64  # the bytearray, plus the interpreter's own
     assert 64 <= sample.peak_file_mib < 64 + 64  # the mapped pages, plus the interpreter's libraries
     assert sample.peak_sampled_rss_mib >= 96 + 64 and sample.peak_rss_mib >= sample.peak_sampled_rss_mib - 1
-    fields = bench_measure.smaps_rollup_kib("Rss:                1000 kB\nAnonymous:           250 kB\nnot a field\n")
-    assert fields == {"Rss": 1000, "Anonymous": 250}
+    fields = bench_measure.proc_kib("VmRSS:\t    1000 kB\nRssAnon:\t     250 kB\nName:\tpython\nThreads:\t2\n")
+    assert fields == {"VmRSS": 1000, "RssAnon": 250}
 
 
 def test_warm_norm_cache_that_is_rewritten_is_an_error(tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ def test_bench_smoke_at_tiny_size(tmp_path: Path) -> None:
         if ta > startup:
             assert row["wall_net_vs_task_arithmetic"] == pytest.approx((row["wall_s"] - startup) / (ta - startup))
     for name, row in report["rows"].items():
-        assert row["peak_anon_mib"] > 0 and row["peak_file_mib"] > 0, name  # sampled from smaps_rollup
+        assert row["peak_anon_mib"] > 0 and row["peak_file_mib"] > 0, name  # sampled from /proc/<pid>/status
         assert row["peak_anon_mib"] <= row["peak_rss_mib"] + 1, name
     assert report["recipes"]["median"]["merge_method"] == "median"
     assert report["startup"]["startup"]["autoload_importtime_us"] > 0
