@@ -14,39 +14,13 @@ from safetensors.torch import load_file
 
 from fedmerge_plugins.sweep.factored import capture
 from fedmerge_plugins.sweep.merger import merge_options
-from tests.support.synthetic import Family, make_family
-
-METHODS = {
-    "task_arithmetic": ({}, {"weight": 0.7}),
-    "fednova": ({}, {"steps": 100}),
-    "fedgma": ({"rho": 0.5}, {}),
-    "median": ({}, {}),
-    "cclip": ({"rho": 0.05}, {}),
-}
-
+from tests.support.recipes import METHODS, sweep_family
+from tests.support.recipes import method_recipe as recipe
+from tests.support.synthetic import Family
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
-    # sizes past methods.common.BLOCK so that the kernels run several blocks
-    from tests.support.synthetic import llama_config
-
-    config = llama_config(hidden_size=576, intermediate_size=640, vocab_size=512, num_hidden_layers=1)
-    return make_family(tmp_path_factory.mktemp("factored"), scales=(0.01, 0.02, 0.2), extra_tokens=(0, 1, 0), config=config)
-
-
-def recipe(family: Family, method: str, dtype: str, lam: float, out_dtype: str | None = None) -> Dict:
-    shared, per_model = METHODS[method]
-    models = []
-    for index, path in enumerate(family.tasks):
-        parameters = dict(per_model)
-        if method == "fednova":
-            parameters["steps"] = 100 * (index + 1)
-        models.append({"model": str(path), **({"parameters": parameters} if parameters else {})})
-    data = {"merge_method": method, "base_model": str(family.base), "models": models,
-            "parameters": {"lambda": lam, **shared}, "tokenizer": {"source": "base"}, "dtype": dtype}
-    if out_dtype:
-        data["out_dtype"] = out_dtype
-    return data
+    return sweep_family(tmp_path_factory.mktemp("factored"))
 
 
 def config_of(data: Dict):

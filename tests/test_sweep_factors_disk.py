@@ -22,7 +22,8 @@ from fedmerge_plugins.sweep.errors import SweepError
 from fedmerge_plugins.sweep.evaluators import PythonEvaluator
 from fedmerge_plugins.sweep.run import run_sweep
 from tests.conftest import BIN
-from tests.support.synthetic import Family, make_family
+from tests.support.recipes import METHODS, method_recipe, sweep_family
+from tests.support.synthetic import Family
 from tests.test_sweep import count_reads
 
 EVALUATOR = '''
@@ -48,37 +49,18 @@ def from_model(model):
     return {{"score": float(state[first].double().sum())}}
 '''
 
-METHODS = {
-    "task_arithmetic": ({}, {"weight": 0.7}, None),
-    "fednova": ({}, {}, None),
-    "fedgma": ({"rho": 0.5}, {}, "0.2,0.6"),
-    "median": ({}, {}, None),
-    "cclip": ({"rho": 0.05}, {}, "0.05,0.5"),
-}
+RHOS = {"fedgma": "0.2,0.6", "cclip": "0.05,0.5"}  # two groups of points: D written twice
 LAMBDAS = "0.5,1.0"
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
-    # tensors past methods.common.BLOCK (several blocks per kernel); one task model has an extra token
-    from tests.support.synthetic import llama_config
-
-    config = llama_config(hidden_size=576, intermediate_size=640, vocab_size=512, num_hidden_layers=1)
-    return make_family(tmp_path_factory.mktemp("disk-factors"), scales=(0.01, 0.02, 0.2), extra_tokens=(0, 1, 0), config=config)
+    return sweep_family(tmp_path_factory.mktemp("disk-factors"))
 
 
 def write_recipe(family: Family, directory: Path, method: str, dtype: str) -> Path:
-    shared, per_model, _ = METHODS[method]
-    models = []
-    for index, path in enumerate(family.tasks):
-        parameters = dict(per_model)
-        if method == "fednova":
-            parameters["steps"] = 100 * (index + 1)
-        models.append({"model": str(path), **({"parameters": parameters} if parameters else {})})
-    data = {"merge_method": method, "base_model": str(family.base), "models": models,
-            "parameters": {"lambda": 1.0, **shared}, "tokenizer": {"source": "base"}, "dtype": dtype}
     path = directory / "recipe.yml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(yaml.safe_dump(method_recipe(family, method, dtype, 1.0), sort_keys=False))
     return path
 
 
@@ -110,7 +92,7 @@ def test_disk_mode_points_equal_mergekit_reading_two_checkpoints_per_point(
 
     recipe = write_recipe(family, tmp_path, method, dtype)
     out = tmp_path / "out"
-    rhos = METHODS[method][2]
+    rhos = RHOS.get(method)
     data = yaml.safe_load(recipe.read_text())
     base, tasks = recipe_models(MergeConfiguration.model_validate(data))
     if method == "cclip":
