@@ -64,12 +64,10 @@ def capture_deltas(into: Optional[Dict[str, Captured]] = None, merge: bool = Tru
         _CAPTURED, _MERGING = saved
 
 
-def record(name: str, captured: Captured) -> bool:
-    """Keep ``captured`` as tensor ``name``'s factors if ``capture_deltas`` is recording; whether it is."""
-    if _CAPTURED is None:
-        return False
-    _CAPTURED[name] = captured
-    return True
+def record(name: str, captured: Captured) -> None:
+    """Keep ``captured`` as tensor ``name``'s factors if ``capture_deltas`` is recording."""
+    if _CAPTURED is not None:
+        _CAPTURED[name] = captured
 
 
 def recording() -> bool:
@@ -149,7 +147,7 @@ def _blocks(base: torch.Tensor, buffers: int, merge_block: Callable[[torch.Tenso
     dtype = compute_dtype(base.dtype)
     flat_base = base.reshape(-1)
     out = torch.empty(base.shape, dtype=base.dtype, device=base.device) if write else base
-    flat_out = out.view(-1)
+    flat_out = out.view(-1) if write else None
     numel = flat_base.numel()
     block = BLOCK if base.device.type == "cpu" else max(numel, 1)
     upcast = base.dtype != dtype
@@ -161,7 +159,7 @@ def _blocks(base: torch.Tensor, buffers: int, merge_block: Callable[[torch.Tenso
         merged = merge_block(base_block, part, views)
         if not all_finite(merged):
             non_finite()
-        if write:
+        if flat_out is not None:
             flat_out[part].copy_(merged)
     return out
 
